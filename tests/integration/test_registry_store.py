@@ -1,0 +1,148 @@
+"""The registry store against the embedded MongoDB wire-protocol server, over a socket."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from mesh.embedded_db import EmbeddedDB
+from registry.errors import InvalidInstance, RegistryUnavailable
+from registry.model import Instance
+from registry.store import RegistryStore, mask_url
+
+
+def inst(name: str = "web-1", service: str = "web", **kw) -> Instance:
+    kw.setdefault("address", "10.0.0.5")
+    kw.setdefault("port", 8080)
+    return Instance(service=service, instance=name, **kw)
+
+
+async def next_snapshot(it, timeout: float):
+    return await asyncio.wait_for(anext(it), timeout)
+
+
+async def test_register_list_renew_and_expiry_without_a_write(store):
+    registered = await store.register(inst(), lease_ttl=1.2)
+    assert registered.lease_expires_at is not None and registered.revision > 0
+    [listed] = await store.list("web")
+    assert listed.id == "web/web-1" and listed.address == "10.0.0.5"
+
+    await asyncio.sleep(0.6)
+    assert await store.renew("web/web-1", lease_ttl=1.2)
+    [renewed] = await store.list()
+    assert renewed.lease_expires_at > listed.lease_expires_at
+    assert renewed.registered_at == listed.registered_at
+
+    watch = store.watch()
+    first = await next_snapshot(watch, 2)
+    assert [i.id for i in first.instances] == ["web/web-1"]
+    t0 = time.monotonic()
+    # No write from here on: the lease alone makes the instance disappear.
+    gone = await next_snapshot(watch, 1.2 + store.poll_interval + 0.5)
+    assert gone.instances == ()
+    assert time.monotonic() - t0 <= 1.2 + store.poll_interval + 0.5
+    assert await store.list() == []
+    assert not await store.renew("web/web-1", lease_ttl=1.2), "an expired lease cannot be renewed"
+    await watch.aclose()
+
+
+async def test_watch_sees_register_status_and_deregister_quickly(store):
+    watch = store.watch()
+    assert (await next_snapshot(watch, 2)).instances == ()
+
+    async def timed(action):
+        t0 = time.monotonic()
+        await action
+        snap = await next_snapshot(watch, 0.3)
+        return snap, time.monotonic() - t0
+
+    snap, _ = await timed(store.register(inst(), lease_ttl=30))
+    assert [i.status for i in snap.instances] == ["passing"]
+    snap, _ = await timed(store.set_status("web/web-1", "critical"))
+    assert [i.status for i in snap.instances] == ["critical"]
+    assert await store.list(healthy_only=True) == []
+    snap, _ = await timed(store.deregister("web/web-1"))
+    assert snap.instances == ()
+    await watch.aclose()
+
+
+async def test_list_filters_and_services(store):
+    await store.register(inst("a-1", "alpha"), lease_ttl=30)
+    await store.register(inst("b-1", "beta", status="critical"), lease_ttl=30)
+    await store.register(inst("b-2", "beta", tags=("blue",)), lease_ttl=30)
+    assert await store.services() == ["alpha", "beta"]
+    assert [i.instance for i in await store.list("beta")] == ["b-1", "b-2"]
+    assert [i.instance for i in await store.list("beta", healthy_only=True)] == ["b-2"]
+    assert not await store.set_status("beta/nope", "passing")
+    assert not await store.deregister("beta/nope")
+
+
+async def test_concurrent_writers_lose_nothing_and_revisions_increase(store):
+    writers, rounds = 50, 6
+
+    async def writer(n: int) -> list[int]:
+        revs = []
+        name = f"w-{n}"
+        got = await store.register(inst(name), lease_ttl=30)
+        revs.append(got.revision)
+        for r in range(rounds):
+            await store.set_status(f"web/{name}", "critical" if r % 2 == 0 else "passing")
+            assert await store.renew(f"web/{name}", lease_ttl=30)
+        return revs
+
+    await asyncio.gather(*(writer(n) for n in range(writers)))
+    listed = await store.list("web")
+    assert len(listed) == writers
+    assert all(i.status == "passing" for i in listed)  # each writer's last update stuck
+    revisions = [i.revision for i in listed]
+    assert len(set(revisions)) == writers, "two writes got the same revision"
+    assert await store.revision() == writers * (1 + 2 * rounds)
+
+
+async def test_register_refuses_invalid_input_before_the_database(db_url):
+    # An unreachable URL proves nothing is sent: validation happens in the model.
+    store = RegistryStore.from_url("mongodb://127.0.0.1:1/mesh")
+    with pytest.raises(InvalidInstance, match="service name"):
+        await store.register(inst(service="Bad Name"), lease_ttl=5)
+    with pytest.raises(InvalidInstance, match="port"):
+        await store.register(inst(port=0), lease_ttl=5)
+    with pytest.raises(ValueError, match="lease TTL"):
+        await store.register(inst(), lease_ttl=0)
+    await store.close()
+
+
+@pytest.mark.timeout(60)
+async def test_database_killed_and_restarted(tmp_path):
+    db = EmbeddedDB(data=str(tmp_path / "reg.db"))
+    await asyncio.to_thread(db.start)
+    store = RegistryStore.from_url(db.url, poll_interval=0.05)
+    try:
+        await store.start()
+        await store.register(inst(), lease_ttl=60)
+        await asyncio.to_thread(db.kill)
+        with pytest.raises(RegistryUnavailable, match="unreachable"):
+            await store.list()
+        with pytest.raises(RegistryUnavailable):
+            await store.register(inst("web-2"), lease_ttl=60)
+        await asyncio.to_thread(db.start)  # same port, same file
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                listed = await store.list()
+                break
+            except RegistryUnavailable:
+                assert time.monotonic() < deadline, "store did not recover"
+                await asyncio.sleep(0.2)
+        assert [i.id for i in listed] == ["web/web-1"]
+        await store.register(inst("web-2"), lease_ttl=60)
+        assert len(await store.list()) == 2
+    finally:
+        await store.close()
+        await asyncio.to_thread(db.close)
+
+
+def test_mask_url_hides_the_password():
+    assert mask_url("mongodb://u:secret@h:1/db?tls=true") == "mongodb://u:****@h:1/db?tls=true"
+    assert mask_url("mongodb://h:1/db") == "mongodb://h:1/db"
