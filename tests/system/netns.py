@@ -1,0 +1,108 @@
+"""Several "hosts" on one machine: network namespaces on a bridge, built with pyroute2.
+
+The bridge lives in a hub namespace of its own, so no interface of the topology is in the
+root namespace and nothing there can route to a host address by mistake (the root
+namespace's default route leads off the machine). Tests talk to the hosts only from inside
+them: ``Host.run`` / ``Host.popen`` run a command in the host's namespace.
+
+    with Topology(3) as topo:
+        a = topo.hosts[0]
+        a.run(["ip", "-br", "addr"])
+
+Everything is removed on exit, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pyroute2 import NetNS, netns
+
+
+def available() -> str | None:
+    """None if namespaces can be built here, else the reason."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if subprocess.run(["ip", "-V"], capture_output=True).returncode != 0:
+        return "iproute2 (ip) is not installed"
+    return None
+
+
+@dataclass
+class Host:
+    name: str  # namespace name
+    address: str  # IPv4 address on the bridge
+    ifname: str = "eth0"
+
+    def cmd(self, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def run(self, argv: Sequence[str], *, timeout: float = 30, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(self.cmd(argv), capture_output=True, text=True, timeout=timeout, check=check, **kw)
+
+    def popen(self, argv: Sequence[str], **kw) -> subprocess.Popen:
+        return subprocess.Popen(self.cmd(argv), **kw)
+
+    def link(self, up: bool) -> None:
+        """Set the host's interface down (a network partition) or up again."""
+        with NetNS(self.name) as ns:
+            idx = ns.link_lookup(ifname=self.ifname)[0]
+            ns.link("set", index=idx, state="up" if up else "down")
+
+
+class Topology:
+    """``n`` hosts on one bridge, subnet 10.<a>.<b>.0/24 picked at random per topology."""
+
+    def __init__(self, n: int, *, prefix: str = "mesh") -> None:
+        tag = f"{os.getpid() % 10000}{random.randrange(1000):03d}"
+        self._hub = f"{prefix}hub{tag}"
+        self._prefix = f"{prefix}{tag}"
+        a, b = random.randrange(100, 250), random.randrange(1, 250)
+        self.subnet = f"10.{a}.{b}.0/24"
+        self.hosts = [Host(f"{self._prefix}h{i}", f"10.{a}.{b}.{i + 10}") for i in range(n)]
+        self._created: list[str] = []
+
+    def __enter__(self) -> Topology:
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _build(self) -> None:
+        netns.create(self._hub)
+        self._created.append(self._hub)
+        with NetNS(self._hub) as hub:
+            hub.link("add", ifname="br0", kind="bridge")
+            br = hub.link_lookup(ifname="br0")[0]
+            hub.link("set", index=br, state="up")
+            lo = hub.link_lookup(ifname="lo")[0]
+            hub.link("set", index=lo, state="up")
+            for i, host in enumerate(self.hosts):
+                netns.create(host.name)
+                self._created.append(host.name)
+                # Create the pair inside the hub, then move one end into the host.
+                hub.link("add", ifname=f"v{i}", kind="veth", peer={"ifname": host.ifname, "net_ns_fd": host.name})
+                v = hub.link_lookup(ifname=f"v{i}")[0]
+                hub.link("set", index=v, master=br, state="up")
+                with NetNS(host.name) as ns:
+                    idx = ns.link_lookup(ifname=host.ifname)[0]
+                    ns.addr("add", index=idx, address=host.address, prefixlen=24)
+                    ns.link("set", index=idx, state="up")
+                    ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+
+    def close(self) -> None:
+        for name in reversed(self._created):
+            try:
+                netns.remove(name)
+            except OSError:
+                pass
+        self._created.clear()
