@@ -29,7 +29,7 @@ test-tools:
 	fi
 
 test: $(TEST_STAMP) test-tools
-	$(BIN)/ruff check mesh registry sidecar lb tests perf
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 perf: $(TEST_STAMP)

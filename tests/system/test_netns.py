@@ -15,8 +15,8 @@ def test_hosts_reach_each_other_and_partition():
     with Topology(2) as topo:
         a, b = topo.hosts
         server = b.popen(
-            [sys.executable, "-c", "import socket,time; s=socket.create_server((%r, 7000)); "
-             "[s.accept() for _ in range(3)]; time.sleep(30)" % b.address],
+            [sys.executable, "-c", f"import socket,time; s=socket.create_server(({b.address!r}, 7000)); "
+             "[s.accept() for _ in range(3)]; time.sleep(30)"],
         )  # fmt: skip
         try:
             reach = [sys.executable, "-c", PROBE, b.address, "7000"]
