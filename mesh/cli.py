@@ -36,6 +36,7 @@ class Command:
 # Subcommand modules, in the order `mesh --help` lists them. Each exposes COMMAND.
 COMMAND_MODULES = (
     "mesh.cmd_demo",
+    "mesh.cmd_up",
     "mesh.cmd_sidecar",
     "mesh.cmd_lb",
     "mesh.cmd_db",
