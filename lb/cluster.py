@@ -1,0 +1,302 @@
+"""A cluster: one set of endpoints with its table, picker, detectors, pools and counters.
+
+The routing state is a :class:`View` (endpoint set, table, per-endpoint state) swapped
+whole when the set changes; a request in flight keeps the view it started with. Usability
+(ejected, failing active checks) is kept as a precomputed list, recomputed on events only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from lb import ring
+from lb.balancer import HASHED, Pick, Picker, panic_state
+from lb.endpoints import Endpoint, EndpointSet
+from lb.hashing import HashSource
+from lb.health import HealthChecker, HealthConfig
+from lb.outlier import Detector, Event, Outcome, OutlierConfig
+from lb.retry import RetryBudget
+
+log = logging.getLogger(__name__)
+
+# Upstream latency histogram buckets (seconds), Prometheus-style upper bounds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+EWMA_ALPHA = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    name: str = "default"
+    policy: str = "maglev"
+    hash_on: tuple[HashSource, ...] = ()
+    balance_factor: int = 0  # bounded loads, percent (≥ 100); 0 = off
+    table_size: int = ring.MAGLEV_TABLE_SIZE
+    retries: int = 2
+    connect_timeout: float = 2.0
+    request_timeout: float = 30.0
+    per_try_timeout: float = 0.0  # 0 = only the request timeout
+    panic_threshold: float = 50.0
+    panic_mode: str = "fail-open"
+    retry_budget_percent: float = 20.0
+    pool_max_idle: int = 64  # idle keep-alive connections kept per endpoint
+    pool_idle_expiry: float = 30.0  # below common upstream keep-alive timeouts (nginx 75 s)
+    outlier: OutlierConfig = field(default_factory=OutlierConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+
+
+class EndpointState:
+    """Mutable per-endpoint state: counters and the idle pool. Survives set swaps."""
+
+    __slots__ = (
+        "endpoint",
+        "active",
+        "requests",
+        "responses_5xx",
+        "failures",
+        "spills",
+        "latency_ewma",
+        "idle",
+        "connections",
+    )
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.active = 0
+        self.requests = 0
+        self.responses_5xx = 0
+        self.failures = 0
+        self.spills = 0
+        self.latency_ewma: float | None = None
+        self.idle: deque = deque()  # (conn, idle_since) most recent on the right
+        self.connections = 0
+
+    def observe_latency(self, seconds: float) -> None:
+        prev = self.latency_ewma
+        self.latency_ewma = seconds if prev is None else prev + EWMA_ALPHA * (seconds - prev)
+
+    # Keep-alive pool: LIFO, so a few connections stay warm and the rest expire.
+
+    def take_idle(self, now: float, expiry: float):
+        idle = self.idle
+        while idle:
+            conn, since = idle.pop()
+            if conn.reusable and now - since < expiry:
+                return conn
+            conn.close()
+        return None
+
+    def put_idle(self, conn, now: float, max_idle: int) -> None:
+        if len(self.idle) >= max_idle:
+            conn.close()
+            return
+        self.idle.append((conn, now))
+
+    def expire_idle(self, now: float, expiry: float) -> None:
+        idle = self.idle
+        while idle and (now - idle[0][1] >= expiry or not idle[0][0].reusable):
+            idle.popleft()[0].close()
+
+    def close_idle(self) -> None:
+        while self.idle:
+            self.idle.pop()[0].close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<EndpointState {self.endpoint.key} active={self.active} requests={self.requests}"
+            f" idle={len(self.idle)}>"
+        )
+
+
+class View:
+    """What one request routes with: the set, its table and the states, aligned by index."""
+
+    __slots__ = ("endpoints", "table", "states")
+
+    def __init__(self, endpoints: EndpointSet, table, states: list[EndpointState]) -> None:
+        self.endpoints = endpoints
+        self.table = table
+        self.states = states
+
+
+class Stats:
+    """Cluster counters, read by /metrics."""
+
+    def __init__(self) -> None:
+        self.responses = {"1xx": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0}
+        self.local = {}  # status -> count of responses the LB made itself
+        self.retries = 0
+        self.retries_denied = 0
+        self.random_picks = 0
+        self.ejections = {}  # reason -> count
+        self.panic_picks = 0
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.latency_n = 0
+
+    def observe(self, seconds: float) -> None:
+        self.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+        self.latency_n += 1
+
+
+class Cluster:
+    def __init__(self, config: ClusterConfig, *, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.picker = Picker(config.policy, balance_factor=config.balance_factor, rng=rng)
+        self.detector = Detector(config.outlier)
+        self.health = HealthChecker(config.health, rng=rng) if config.health.path else None
+        self.budget = RetryBudget(config.retry_budget_percent)
+        self.stats = Stats()
+        self.view = View(EndpointSet(), None, [])
+        self.usable: list[bool] = []
+        self.panic = False
+        self.hashed = config.policy in HASHED
+        self.needs_active = config.policy == "least_request" or bool(config.balance_factor)
+        self._states: dict[str, EndpointState] = {}
+        self._zeros: list[int] = []
+        self._generation = 0
+        self.ready = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Cluster {self.config.name} {self.config.policy} endpoints={len(self.view.endpoints)}"
+            f" usable={sum(self.usable)} panic={self.panic}>"
+        )
+
+    # Endpoint set changes
+
+    async def set_endpoints(self, endpoints: EndpointSet) -> None:
+        """Build the new table (off the loop when big) and swap the view in whole."""
+        if endpoints.same_routing(self.view.endpoints) and self.ready.is_set():
+            self._swap(endpoints, self.view.table)  # names or order only
+            return
+        self._generation += 1
+        gen = self._generation
+        table = None
+        if self.hashed and len(endpoints):
+            table = await ring.build_async(
+                self.config.policy, endpoints, table_size=self.config.table_size
+            )
+        if gen != self._generation:
+            return  # a newer set arrived while this one was building
+        self._swap(endpoints, table)
+
+    def _swap(self, endpoints: EndpointSet, table) -> None:
+        old = self._states
+        states = {}
+        for ep in endpoints:
+            st = old.get(ep.key)
+            if st is None:
+                st = EndpointState(ep)
+            st.endpoint = ep
+            states[ep.key] = st
+        for key, st in old.items():
+            if key not in states:
+                st.close_idle()
+        self._states = states
+        self.view = View(endpoints, table, [states[k] for k in endpoints.keys])
+        self._zeros = [0] * len(endpoints)
+        self.detector.set_endpoints(endpoints.keys)
+        if self.health:
+            self.health.set_endpoints(endpoints.keys, time.monotonic())
+        self.refresh_usable()
+        self.ready.set()
+        log.info(
+            "cluster %s: %d endpoints%s",
+            self.config.name,
+            len(endpoints),
+            f" ({', '.join(endpoints.keys[:8])})" if len(endpoints) else "",
+        )
+
+    def refresh_usable(self) -> None:
+        det = self.detector
+        hc = self.health
+        self.usable = [
+            not det.is_ejected(k) and (hc is None or hc.is_healthy(k))
+            for k in self.view.endpoints.keys
+        ]
+        panic = panic_state(self.usable, self.config.panic_threshold) or (
+            bool(self.usable) and not any(self.usable)
+        )
+        if panic != self.panic:
+            self.panic = panic
+            if panic:
+                log.warning(
+                    "cluster %s: panic: %d of %d endpoints usable, %s",
+                    self.config.name,
+                    sum(self.usable),
+                    len(self.usable),
+                    "routing to all" if self.config.panic_mode == "fail-open" else "answering 503",
+                )
+            else:
+                log.info("cluster %s: panic over", self.config.name)
+
+    # Per request
+
+    def choose(self, key_hash: int | None, tries: int) -> tuple[View, Pick] | None:
+        """The view and the order to try endpoints in, or None: answer 503."""
+        view = self.view
+        if not view.states:
+            return None
+        usable: Sequence[bool] = self.usable
+        if self.panic:
+            if self.config.panic_mode == "fail-closed":
+                return None
+            usable = [True] * len(usable)
+            self.stats.panic_picks += 1
+        active = [s.active for s in view.states] if self.needs_active else self._zeros
+        pick = self.picker.pick(view.table, key_hash, usable, active, tries=tries)
+        if not pick.order:
+            return None
+        if pick.spilled:
+            view.states[pick.order[0]].spills += 1
+        return view, pick
+
+    def record(self, state: EndpointState, outcome: Outcome, now: float, latency: float | None):
+        events = self.detector.record(state.endpoint.key, outcome, now, latency=latency)
+        if events:
+            self.apply(events)
+
+    def apply(self, events: list[Event]) -> None:
+        for ev in events:
+            if ev.kind == "eject":
+                self.stats.ejections[ev.reason] = self.stats.ejections.get(ev.reason, 0) + 1
+                log.warning(
+                    "cluster %s: ejected %s (%s) for %.0fs, ejection #%d",
+                    self.config.name,
+                    ev.key,
+                    ev.reason,
+                    ev.until - time.monotonic(),
+                    ev.ejections,
+                )
+                st = self._states.get(ev.key)
+                if st:
+                    st.close_idle()
+            else:
+                log.info("cluster %s: restored %s (%s)", self.config.name, ev.key, ev.reason)
+        self.refresh_usable()
+
+    def maintain(self, now: float) -> None:
+        """Once a second: end ejections, expire idle connections."""
+        events = self.detector.tick(now)
+        if events:
+            self.apply(events)
+        for st in self.view.states:
+            if st.idle:
+                st.expire_idle(now, self.config.pool_idle_expiry)
+
+    def sweep(self, now: float) -> None:
+        events = self.detector.sweep(now)
+        if events:
+            self.apply(events)
+
+    def close(self) -> None:
+        for st in self.view.states:
+            st.close_idle()

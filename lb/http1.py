@@ -1,0 +1,318 @@
+"""HTTP/1.1 framing on httptools (llhttp): limits, smuggling guards, head building.
+
+Bytes in, calls out: a :class:`RequestReader` is fed bytes and calls its sink's
+``on_request(head)``, ``on_body(data)``, ``on_request_end()``; it raises
+:class:`BadRequest` with the status to answer. Heads to send are built here as one bytes
+object each, so the shell does one ``transport.write`` per head.
+
+Rejections follow nginx and Envoy (RFC 9112 §6.1, §6.3 on request smuggling):
+Content-Length with Transfer-Encoding → 400; several Content-Length → 400; a
+Transfer-Encoding other than ``chunked`` → 501; Transfer-Encoding in HTTP/1.0 → 400;
+bad chunk → 400; obs-fold or whitespace before the colon → 400; HTTP/0.9 or garbage → 400.
+"""
+
+from __future__ import annotations
+
+import httptools
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
+
+# Limits. Each has a reason.
+MAX_HEADER_BYTES = 64 * 1024  # the whole head; Envoy 60 KiB, nginx 4 × 8 KiB, h11 16 KiB
+MAX_HEADERS = 100  # Envoy's max_headers_count default
+MAX_REQUEST_LINE_BYTES = 8 * 1024  # nginx large_client_header_buffers (8 KiB) → 414
+
+# RFC 9110 §7.6.1 hop-by-hop fields, plus the de-facto ones (keep-alive, proxy-connection).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# Request fields the proxy rewrites itself.
+REWRITTEN = frozenset(
+    {b"content-length", b"expect", b"x-forwarded-proto", b"x-forwarded-host", b"via"}
+)
+
+VIA = b"1.1 mesh"
+
+REASONS = {
+    100: b"Continue",
+    101: b"Switching Protocols",
+    200: b"OK",
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    417: b"Expectation Failed",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+class BadRequest(Exception):
+    """The request cannot be served; answer ``status`` and close the connection."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class RequestHead:
+    """A parsed request head. ``headers`` keeps ``(lower name, name, value)`` triples."""
+
+    __slots__ = (
+        "method",
+        "url",
+        "version",
+        "headers",
+        "content_length",
+        "chunked",
+        "keep_alive",
+        "upgrade",
+        "expect_continue",
+        "host",
+        "connection_tokens",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.url = b""
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes, bytes]] = []
+        self.content_length: int | None = None
+        self.chunked = False
+        self.keep_alive = True
+        self.upgrade: bytes | None = None
+        self.expect_continue = False
+        self.host = b""
+        self.connection_tokens: frozenset[bytes] = frozenset()
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    def lower_pairs(self) -> list[tuple[bytes, bytes]]:
+        return [(ln, v) for ln, _, v in self.headers]
+
+    def __repr__(self) -> str:
+        return f"<RequestHead {self.method.decode()} {self.url[:60].decode('latin-1')}>"
+
+
+class RequestReader:
+    """Drive httptools for one downstream connection; call the sink; enforce limits."""
+
+    __slots__ = ("_sink", "_parser", "_pending", "_head_bytes", "_fed", "_in_head", "_line_done")
+
+    def __init__(self, sink) -> None:
+        self._sink = sink
+        self._parser = httptools.HttpRequestParser(self)
+        self._pending = RequestHead()
+        self._head_bytes = 0  # request line and fields parsed so far
+        self._fed = 0  # bytes fed while a head was incomplete (a field may be half-parsed)
+        self._in_head = False
+        self._line_done = False
+
+    def feed(self, data: bytes) -> int | None:
+        """Parse bytes. Returns None, or the offset where an upgraded stream starts."""
+        try:
+            self._parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            return int(exc.args[0])
+        except HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, BadRequest):
+                raise exc.__context__ from None
+            raise BadRequest(400, str(exc)) from None
+        except HttpParserError as exc:
+            raise BadRequest(400, str(exc)) from None
+        if self._in_head:
+            # A head still incomplete after this read: bound what it may still grow to.
+            self._fed += len(data)
+            if not self._line_done and self._fed > MAX_REQUEST_LINE_BYTES:
+                raise BadRequest(414, "request line too long")
+            if self._fed > MAX_HEADER_BYTES + MAX_REQUEST_LINE_BYTES:
+                raise BadRequest(431, "header section too large")
+        return None
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._line_done = False
+        self._head_bytes = self._fed = 0
+        self._pending = RequestHead()
+
+    def on_url(self, url: bytes) -> None:
+        head = self._pending
+        head.url += url
+        self._head_bytes += len(url)
+        if len(head.url) > MAX_REQUEST_LINE_BYTES:
+            raise BadRequest(414, "request line too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a chunked trailer: dropped (not forwarded)
+        head = self._pending
+        self._line_done = True
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEADER_BYTES:
+            raise BadRequest(431, "header section too large")
+        if len(head.headers) >= MAX_HEADERS:
+            raise BadRequest(431, "too many header fields")
+        lname = name.lower()
+        head.headers.append((lname, name, value))
+        if lname == b"content-length":
+            if head.content_length is not None:
+                raise BadRequest(400, "several Content-Length fields")
+            if not value.isdigit():
+                raise BadRequest(400, "bad Content-Length")
+            head.content_length = int(value)
+        elif lname == b"transfer-encoding":
+            if head.chunked or value.strip().lower() != b"chunked":
+                raise BadRequest(501, "only Transfer-Encoding: chunked is implemented")
+            head.chunked = True
+        elif lname == b"host":
+            head.host = value
+        elif lname == b"connection":
+            head.connection_tokens = frozenset(
+                t.strip().lower() for t in value.split(b",") if t.strip()
+            )
+        elif lname == b"upgrade":
+            head.upgrade = value
+        elif lname == b"expect" and value.lower() == b"100-continue":
+            head.expect_continue = True
+
+    def on_headers_complete(self) -> None:
+        head = self._pending
+        p = self._parser
+        head.version = p.get_http_version()
+        if head.version not in ("1.1", "1.0"):
+            raise BadRequest(400, f"HTTP/{head.version} is not supported")
+        if head.chunked and head.content_length is not None:
+            raise BadRequest(400, "both Content-Length and Transfer-Encoding")
+        if head.chunked and head.version == "1.0":
+            raise BadRequest(400, "Transfer-Encoding in HTTP/1.0")
+        head.method = p.get_method()
+        head.keep_alive = p.should_keep_alive()
+        if head.upgrade is not None and b"upgrade" not in head.connection_tokens:
+            head.upgrade = None  # RFC 9110 §7.8: Upgrade counts only when Connection names it
+        self._in_head = False
+        self._sink.on_request(head)
+
+    def on_body(self, data: bytes) -> None:
+        self._sink.on_body(data)
+
+    def on_message_complete(self) -> None:
+        self._sink.on_request_end()
+
+
+def build_upstream_head(head: RequestHead, client_ip: str, *, upgrade: bool = False) -> bytes:
+    """The request head sent upstream: hop-by-hop fields removed (and those the client's
+    Connection names), X-Forwarded-* and Via added, Host kept, body framing re-declared."""
+    drop = head.connection_tokens
+    xff = b""
+    lines = [head.method, b" ", head.url, b" HTTP/1.1\r\n"]
+    via = b""
+    for lname, name, value in head.headers:
+        if lname in HOP_BY_HOP or lname in REWRITTEN or lname in drop:
+            if lname == b"via":
+                via = value + b", "
+            continue
+        if lname == b"x-forwarded-for":
+            xff = value + b", "
+            continue
+        lines += (name, b": ", value, b"\r\n")
+    host = head.host
+    if not host:
+        # HTTP/1.0 without Host: take the authority of an absolute URL, if any.
+        if head.url.startswith(b"http://"):
+            host = head.url[7:].split(b"/", 1)[0]
+        lines.append(b"Host: " + host + b"\r\n") if host else None
+    lines += (b"X-Forwarded-For: ", xff, client_ip.encode(), b"\r\n")
+    lines.append(b"X-Forwarded-Proto: http\r\n")
+    if host:
+        lines += (b"X-Forwarded-Host: ", host, b"\r\n")
+    lines += (b"Via: ", via, VIA, b"\r\n")
+    if upgrade:
+        lines += (b"Connection: upgrade\r\nUpgrade: ", head.upgrade or b"", b"\r\n")
+    elif head.chunked:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    elif head.content_length is not None:
+        lines += (b"Content-Length: ", str(head.content_length).encode(), b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def build_response_head(
+    version: str,
+    status: int,
+    reason: bytes,
+    headers: list[tuple[bytes, bytes]],
+    *,
+    content_length: int | None,
+    chunked: bool,
+    keep_alive: bool,
+    client_version: str,
+    upgrade: bytes | None = None,
+    connection_tokens: frozenset[bytes] = frozenset(),
+) -> bytes:
+    """The response head sent downstream. ``chunked`` = the body is sent chunk-encoded."""
+    lines = [b"HTTP/1.1 " if client_version == "1.1" else b"HTTP/1.0 ", str(status).encode()]
+    lines += (b" ", reason, b"\r\n")
+    via = b""
+    for name, value in headers:
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname == b"content-length" or lname in connection_tokens:
+            continue
+        if lname == b"via":
+            via = value + b", "
+            continue
+        lines += (name, b": ", value, b"\r\n")
+    lines += (b"Via: ", via, version.encode(), b" mesh\r\n")
+    if upgrade is not None:
+        lines += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n\r\n")
+        return b"".join(lines)
+    if content_length is not None:
+        lines += (b"Content-Length: ", str(content_length).encode(), b"\r\n")
+    elif chunked:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    if not keep_alive:
+        lines.append(b"Connection: close\r\n")
+    elif client_version == "1.0":
+        lines.append(b"Connection: keep-alive\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def error_response(
+    status: int, *, close: bool = True, headers: tuple[bytes, ...] = (), version: str = "1.1"
+) -> bytes:
+    """A small complete response the proxy itself sends (400, 502, 503, …)."""
+    reason = REASONS.get(status, b"Error")
+    body = b"%d %s\n" % (status, reason)
+    extra = b"".join(h + b"\r\n" for h in headers)
+    conn = b"Connection: close\r\n" if close else b""
+    proto = b"HTTP/1.1" if version == "1.1" else b"HTTP/1.0"
+    return (
+        b"%s %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s%sVia: 1.1 mesh\r\n\r\n%s"
+        % (proto, status, reason, len(body), conn, extra, body)
+    )
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"

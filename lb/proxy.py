@@ -1,0 +1,815 @@
+"""The data path: downstream and upstream asyncio Protocols joined per request.
+
+One task per downstream connection owns it and its errors (parse → route → pick → try →
+retry → respond). Bytes move in callbacks: a request body goes from the downstream
+protocol straight to the upstream transport, a response from the upstream protocol
+straight to the downstream transport, each direction pausing the other's reads when a
+write buffer fills (``pause_writing`` → ``pause_reading``). Heads are written with one
+``transport.write`` each; nothing logs per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
+
+from lb import http1
+from lb.hashing import extract
+from lb.outlier import Outcome
+from lb.retry import RETRY_STATUSES, should_retry
+from lb.ring import hash_key
+
+if TYPE_CHECKING:
+    from lb.cluster import Cluster, EndpointState
+    from lb.server import Server
+
+log = logging.getLogger(__name__)
+
+REPLAY_MAX_BYTES = 64 * 1024  # request body kept for a retry; larger bodies are not retried
+BODY_BUFFER_BYTES = 256 * 1024  # request body buffered before an upstream is attached
+RETRY_AFTER = (b"Retry-After: 1",)
+
+
+class _StopBody(Exception):
+    """Raised from a parser callback: the message has no body (HEAD, discarded retry)."""
+
+
+# Per-request state
+
+
+class Request:
+    """One downstream request: its head, its body as it arrives, where the body goes."""
+
+    __slots__ = (
+        "head",
+        "body",
+        "replay",
+        "replayable",
+        "ended",
+        "sink",
+        "buffered",
+        "continue_sent",
+        "tunnel_data",
+    )
+
+    def __init__(self, head: http1.RequestHead) -> None:
+        self.head = head
+        self.body: list[bytes] = []  # not yet sent upstream
+        self.replay: list[bytes] = []  # everything sent so far, for a retry
+        self.replayable = True
+        self.ended = False
+        self.sink: Upstream | None = None
+        self.buffered = 0
+        self.continue_sent = False
+        self.tunnel_data = b""
+
+
+# Upstream connection
+
+
+class Upstream(asyncio.Protocol):
+    """One upstream keep-alive connection. Carries one exchange at a time."""
+
+    __slots__ = (
+        "transport",
+        "state",
+        "parser",
+        "reusable",
+        "down",
+        "req",
+        "done",
+        "status",
+        "reason",
+        "resp_headers",
+        "started",
+        "head_only",
+        "discard",
+        "content_length",
+        "chunked_out",
+        "keep_alive_out",
+        "close_delimited",
+        "upgraded",
+        "t0",
+        "first_byte",
+        "_paused",
+    )
+
+    def __init__(self, state: EndpointState) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.state = state
+        self.parser = httptools.HttpResponseParser(self)
+        self.reusable = False
+        self.down: Downstream | None = None
+        self.req: Request | None = None
+        self.done: asyncio.Future | None = None
+        self.upgraded = False
+        self._paused = False
+        self._reset_exchange()
+
+    def _reset_exchange(self) -> None:
+        self.status = 0
+        self.reason = b""
+        self.resp_headers: list[tuple[bytes, bytes]] = []
+        self.started = False  # a response byte reached the client
+        self.head_only = False
+        self.discard = False
+        self.content_length: int | None = None
+        self.chunked_out = False
+        self.keep_alive_out = True
+        self.close_delimited = False
+        self.first_byte = 0.0
+
+    def __repr__(self) -> str:
+        return f"<Upstream {self.state.endpoint.key} reusable={self.reusable} busy={self.done is not None}>"
+
+    # asyncio callbacks
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.reusable = True
+        self.state.connections += 1
+
+    def connection_lost(self, exc) -> None:
+        self.reusable = False
+        self.state.connections -= 1
+        down = self.down
+        if self.upgraded:
+            if down is not None:
+                down.close()
+            return
+        if self.done is None or self.done.done():
+            return
+        if self.started and not self.close_delimited and down is not None:
+            down.abort()  # the body was cut short: the client must see an error, not an end
+        elif self.started and self.close_delimited and down is not None:
+            # The body ran to the close (no Content-Length, not chunked): a normal end.
+            if self.chunked_out:
+                down.transport.write(http1.LAST_CHUNK)
+            if not self.keep_alive_out:
+                down.keep_alive = False
+            self._finish(Outcome.OK)
+            return
+        self._finish(Outcome.RESET)
+
+    def eof_received(self):
+        return False  # close our side too
+
+    def pause_writing(self) -> None:
+        down = self.down
+        if down is not None and down.transport is not None:
+            down.transport.pause_reading()
+            down.reading_paused_by_upstream = True
+
+    def resume_writing(self) -> None:
+        down = self.down
+        if down is not None and down.reading_paused_by_upstream:
+            down.reading_paused_by_upstream = False
+            down.maybe_resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.upgraded:
+            self.down.transport.write(data)
+            return
+        if self.done is None:
+            self.close()  # bytes nobody asked for: the connection is not in a known state
+            return
+        if not self.first_byte:
+            self.first_byte = time.monotonic()
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self._upgrade(data[int(exc.args[0]) :])
+        except HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _StopBody):
+                # A HEAD response: llhttp would wait for Content-Length bytes.
+                self.parser = httptools.HttpResponseParser(self)
+                self._complete()
+            else:
+                log.debug("upstream %s: callback error", self.state.endpoint.key, exc_info=True)
+                self._broken()
+        except HttpParserError:
+            self._broken()
+
+    # Exchange
+
+    def start(self, down: Downstream, req: Request, done: asyncio.Future, *, discard_5xx: bool):
+        """Send the request head (and the body so far) and wire the body stream."""
+        self.down = down
+        self.req = req
+        self.done = done
+        self._reset_exchange()
+        self.discard = discard_5xx
+        head = req.head
+        self.head_only = head.method == b"HEAD"
+        upgrade = head.upgrade is not None
+        data = http1.build_upstream_head(head, down.client_ip, upgrade=upgrade)
+        chunked = head.chunked
+        parts = [data]
+        for piece in req.replay:
+            parts.append(http1.chunk(piece) if chunked else piece)
+        pending = req.body
+        if pending:
+            for piece in pending:
+                parts.append(http1.chunk(piece) if chunked else piece)
+                self._keep(req, piece)
+            pending.clear()
+            req.buffered = 0
+        if req.ended and chunked:
+            parts.append(http1.LAST_CHUNK)
+        if upgrade and req.tunnel_data:
+            parts.append(req.tunnel_data)
+        self.transport.write(b"".join(parts) if len(parts) > 1 else data)
+        if not req.ended:
+            req.sink = self
+            if head.expect_continue and not req.continue_sent:
+                req.continue_sent = True
+                down.transport.write(http1.CONTINUE)
+            down.maybe_resume_reading()
+
+    @staticmethod
+    def _keep(req: Request, piece: bytes) -> None:
+        if req.replayable:
+            req.replay.append(piece)
+            if sum(map(len, req.replay)) > REPLAY_MAX_BYTES:
+                req.replayable = False
+                req.replay = []
+
+    def send_body(self, data: bytes) -> None:
+        req = self.req
+        self.transport.write(http1.chunk(data) if req.head.chunked else data)
+        self._keep(req, data)
+
+    def end_body(self) -> None:
+        if self.req.head.chunked:
+            self.transport.write(http1.LAST_CHUNK)
+
+    def _finish(self, outcome: Outcome) -> None:
+        done = self.done
+        req = self.req
+        if req is not None and req.sink is self:
+            req.sink = None
+        self.done = None
+        if done is not None and not done.done():
+            done.set_result(outcome)
+
+    def _complete(self) -> None:
+        """The response ended: hand the connection back (or close it), wake the request."""
+        down = self.down
+        req = self.req
+        body_sent = req is not None and req.ended
+        if self.started and down is not None:
+            if self.chunked_out:
+                down.transport.write(http1.LAST_CHUNK)
+            if not self.keep_alive_out:
+                down.keep_alive = False
+        if req is not None and not req.ended and down is not None:
+            down.keep_alive = False  # the upstream answered before the body ended
+        outcome = Outcome.from_status(self.status)
+        upstream_keep = self.parser.should_keep_alive() if not self.head_only else True
+        self.reusable = self.reusable and bool(body_sent) and upstream_keep
+        self._finish(outcome)
+        self.down = None
+        self.req = None
+
+    def _broken(self) -> None:
+        self.reusable = False
+        if self.started and self.down is not None:
+            self.down.abort()
+        self._finish(Outcome.RESET)
+        self.close()
+
+    def _upgrade(self, rest: bytes) -> None:
+        if self.status != 101:
+            self._broken()
+            return
+        down = self.down
+        self.upgraded = True
+        self.reusable = False
+        self._finish(Outcome.OK)
+        down.start_tunnel(self)
+        if rest:
+            down.transport.write(rest)
+
+    def abort(self) -> None:
+        self.reusable = False
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        self.reusable = False
+        if self.transport is not None:
+            self.transport.close()
+
+    # httptools callbacks (response)
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.status == 0:
+            self.resp_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self.resp_headers = []  # 100 Continue, 103 Early Hints: not forwarded
+            self.reason = b""
+            return
+        self.status = status
+        if self.discard and status in RETRY_STATUSES:
+            return  # drop this response; the caller retries elsewhere
+        self.discard = False
+        down = self.down
+        if down is None or down.transport is None or down.transport.is_closing():
+            self.discard = True  # nobody to send it to: read it to the end and drop it
+            return
+        cl = None
+        te_chunked = False
+        conn_tokens: frozenset[bytes] = frozenset()
+        for name, value in self.resp_headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                cl = int(value) if value.isdigit() else None
+            elif lname == b"transfer-encoding":
+                te_chunked = True
+            elif lname == b"connection":
+                conn_tokens = frozenset(t.strip().lower() for t in value.split(b","))
+        no_body = self.head_only or status in (204, 304) or self.req.head.upgrade and status == 101
+        if te_chunked:
+            cl = None
+        client_version = self.req.head.version
+        keep = down.keep_alive and self.req.head.keep_alive and not down.server.draining
+        if no_body or cl is not None:
+            chunked_out = False
+        elif client_version == "1.1":
+            chunked_out = True
+        else:
+            chunked_out = False
+            keep = False  # HTTP/1.0 client, unknown length: the close ends the body
+        self.close_delimited = cl is None and not te_chunked and not no_body
+        self.chunked_out = chunked_out
+        self.keep_alive_out = keep
+        upgrade = None
+        if status == 101:
+            upgrade = dict((n.lower(), v) for n, v in self.resp_headers).get(b"upgrade", b"")
+        head = http1.build_response_head(
+            self.parser.get_http_version(),
+            status,
+            self.reason or http1.REASONS.get(status, b""),
+            self.resp_headers,
+            content_length=cl,
+            chunked=chunked_out,
+            keep_alive=keep,
+            client_version=client_version,
+            upgrade=upgrade,
+            connection_tokens=conn_tokens,
+        )
+        self.started = True
+        down.transport.write(head)
+        if self.head_only:
+            raise _StopBody
+
+    def on_body(self, data: bytes) -> None:
+        if self.discard:
+            return
+        if self.chunked_out:
+            self.down.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self.down.transport.write(data)
+
+    def on_message_complete(self) -> None:
+        if self.status == 0 or self.status == 101:
+            return  # the end of a 1xx; a 101 goes on as a tunnel (HttpParserUpgrade)
+        self._complete()
+
+
+# Downstream connection
+
+
+class Downstream(asyncio.Protocol):
+    """One client connection: parse requests, run them one at a time, keep alive."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.client_ip = ""
+        self.reader = http1.RequestReader(self)
+        self.queue: deque[Request] = deque()
+        self.current: Request | None = None
+        self.keep_alive = True
+        self.closed = False
+        self.reading_paused_by_upstream = False
+        self.reading_paused_by_us = False
+        self.writing_paused = False
+        self.upstream: Upstream | None = None
+        self.tunnel: Upstream | None = None
+        self._wake: asyncio.Future | None = None
+        self._task: asyncio.Task | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self.busy = False
+
+    def __repr__(self) -> str:
+        return f"<Downstream {self.client_ip} busy={self.busy} queued={len(self.queue)}>"
+
+    # asyncio callbacks
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else ""
+        self.server.connections.add(self)
+        self.server.stats.connections_total += 1
+        self._task = self.loop.create_task(self._serve())
+        self._arm_idle()
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        if self.tunnel is not None:
+            self.tunnel.close()
+        up = self.upstream
+        if up is not None and up.done is not None:
+            up.abort()  # the client left mid-exchange; the upstream connection is unusable
+        self._wakeup()
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.transport.write(data)
+            return
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        cur = self.current or (self.queue[-1] if self.queue else None)
+        if cur is not None and cur.head.upgrade is not None and cur.ended:
+            # An upgrade in progress: these bytes belong to the new protocol.
+            up = self.upstream
+            if up is not None and up.transport is not None:
+                up.transport.write(data)
+            else:
+                cur.tunnel_data += data
+            return
+        try:
+            offset = self.reader.feed(data)
+        except http1.BadRequest as exc:
+            self._reject(exc.status)
+            return
+        if offset is not None:
+            # The head of an Upgrade request ended: the rest is the new protocol's.
+            req = self.queue[-1] if self.queue else self.current
+            if req is not None:
+                req.tunnel_data += data[offset:]
+
+    def eof_received(self):
+        if self.current is None and not self.queue:
+            return False
+        self.keep_alive = False
+        return True  # half-close: finish the response in flight, then close
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        up = self.upstream or self.tunnel
+        if up is not None and up.transport is not None:
+            up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        up = self.upstream or self.tunnel
+        if up is not None and up.transport is not None and not up.transport.is_closing():
+            up.transport.resume_reading()
+
+    # Parser sink
+
+    def on_request(self, head: http1.RequestHead) -> None:
+        req = Request(head)
+        if head.upgrade is not None:
+            req.ended = False
+        self.queue.append(req)
+        if self.current is not None or len(self.queue) > 1:
+            self._pause_reading()  # pipelined: one at a time
+        self._wakeup()
+
+    def on_body(self, data: bytes) -> None:
+        req = self.queue[-1] if self.queue else self.current
+        if req is None:
+            return
+        sink = req.sink
+        if sink is not None:
+            sink.send_body(data)
+            return
+        req.body.append(data)
+        req.buffered += len(data)
+        if req.buffered > BODY_BUFFER_BYTES:
+            self._pause_reading()
+
+    def on_request_end(self) -> None:
+        req = self.queue[-1] if self.queue else self.current
+        if req is None:
+            return
+        req.ended = True
+        sink = req.sink
+        if sink is not None:
+            req.sink = None
+            sink.end_body()
+        self._wakeup()
+
+    # Flow control
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused_by_us and self.transport is not None:
+            self.reading_paused_by_us = True
+            self.transport.pause_reading()
+
+    def maybe_resume_reading(self) -> None:
+        if self.reading_paused_by_us and not self.reading_paused_by_upstream:
+            self.reading_paused_by_us = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    # Timers
+
+    def _arm_idle(self) -> None:
+        timeout = self.server.idle_timeout
+        if timeout > 0:
+            self._idle_timer = self.loop.call_later(timeout, self._on_idle_timeout)
+
+    def _on_idle_timeout(self) -> None:
+        self._idle_timer = None
+        if not self.busy and not self.queue:
+            self.close()
+
+    # Writing our own responses
+
+    def _reject(self, status: int) -> None:
+        """A malformed request: answer and close (the stream cannot be trusted)."""
+        self.server.count_local(status)
+        started = self.upstream is not None and self.upstream.started
+        if self.transport is not None and not self.transport.is_closing() and not started:
+            self.transport.write(http1.error_response(status))
+        self.keep_alive = False
+        if self.upstream is not None:
+            self.upstream.abort()
+        self.close()
+
+    def start_tunnel(self, up: Upstream) -> None:
+        self.tunnel = up
+        self.upstream = None
+        self.server.stats.upgrades += 1
+        self.maybe_resume_reading()
+        if self.reading_paused_by_upstream:
+            self.reading_paused_by_upstream = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        self._wakeup()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self._wakeup()
+
+    def _wakeup(self) -> None:
+        w = self._wake
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # The connection's task
+
+    async def _serve(self) -> None:
+        try:
+            while not self.closed:
+                if not self.queue:
+                    self._wake = self.loop.create_future()
+                    await self._wake
+                    self._wake = None
+                    continue
+                req = self.queue.popleft()
+                self.current = req
+                self.busy = True
+                try:
+                    await self._handle(req)
+                finally:
+                    self.busy = False
+                    self.current = None
+                if self.tunnel is not None:
+                    return
+                if (
+                    not (self.keep_alive and req.head.keep_alive and req.ended)
+                    or req.head.upgrade is not None
+                    or self.server.draining
+                ):
+                    self.close()
+                    return
+                self.maybe_resume_reading()
+                if not self.queue:
+                    self._arm_idle()
+        except Exception:
+            log.exception("connection from %s failed", self.client_ip)
+            self.abort()
+        finally:
+            self.server.connection_finished(self)
+
+    async def _handle(self, req: Request) -> None:
+        server = self.server
+        head = req.head
+        cluster = server.route(head)
+        if cluster is None:
+            self._local(req, 404)
+            return
+        cfg = cluster.config
+        key_hash = None
+        if cluster.hashed and cfg.hash_on:
+            found = extract(
+                cfg.hash_on, headers=head.lower_pairs(), url=head.url, client_ip=self.client_ip
+            )
+            if found is not None:
+                key_hash = hash_key(found[1])
+            else:
+                cluster.stats.random_picks += 1
+        elif cluster.hashed:
+            cluster.stats.random_picks += 1
+        tries = 1 + cfg.retries
+        choice = cluster.choose(key_hash, tries)
+        if choice is None:
+            self._local(req, 503, cluster=cluster, headers=RETRY_AFTER)
+            return
+        view, pick = choice
+        now = time.monotonic()
+        deadline = now + cfg.request_timeout
+        budget = cluster.budget
+        budget.active_requests += 1
+        attempt = 0
+        up = None
+        outcome = Outcome.CONNECT_FAILED
+        n_tries = len(pick.order)
+        retrying = False
+        try:
+            for idx in pick.order:
+                attempt += 1
+                if attempt > 1:
+                    if not budget.try_acquire():
+                        cluster.stats.retries_denied += 1
+                        break
+                    retrying = True
+                    cluster.stats.retries += 1
+                state = view.states[idx]
+                try:
+                    outcome = await self._try(cluster, state, req, deadline, attempt, n_tries)
+                finally:
+                    if retrying:
+                        budget.release()
+                        retrying = False
+                up = self.upstream
+                self.upstream = None
+                if outcome is Outcome.OK or self.closed:
+                    return
+                if up is not None and up.started:
+                    return  # the response (a 5xx) went to the client
+                if time.monotonic() >= deadline or not should_retry(
+                    outcome,
+                    method=head.method,
+                    status=up.status if up is not None else 0,
+                    attempt=attempt,
+                    max_retries=cfg.retries,
+                    replayable=req.replayable and head.upgrade is None,
+                ):
+                    break
+        finally:
+            budget.active_requests -= 1
+        if self.closed:
+            return
+        if outcome is Outcome.TIMEOUT:
+            self._local(req, 504, cluster=cluster)
+        elif outcome is Outcome.GATEWAY:
+            self._local(req, 503 if up is None else (up.status or 502), cluster=cluster)
+        else:
+            self._local(req, 502, cluster=cluster)
+
+    async def _try(
+        self,
+        cluster: Cluster,
+        state: EndpointState,
+        req: Request,
+        deadline: float,
+        attempt: int,
+        tries: int,
+    ) -> Outcome:
+        """One try at one endpoint; returns its outcome and records it."""
+        cfg = cluster.config
+        loop = self.loop
+        t0 = time.monotonic()
+        state.active += 1
+        state.requests += 1
+        try:
+            up = state.take_idle(t0, cfg.pool_idle_expiry) if req.head.upgrade is None else None
+            if up is None:
+                try:
+                    up = await self._connect(state, cfg.connect_timeout, deadline - t0)
+                except TimeoutError:
+                    return self._record(cluster, state, Outcome.CONNECT_FAILED, t0)
+                except OSError:
+                    return self._record(cluster, state, Outcome.CONNECT_FAILED, t0)
+                if self.closed:
+                    up.close()
+                    return Outcome.RESET
+            done = loop.create_future()
+            self.upstream = up
+            discard = attempt < tries and req.head.method in _IDEMPOTENT
+            up.start(self, req, done, discard_5xx=discard)
+            timeout = deadline - t0
+            if cfg.per_try_timeout:
+                timeout = min(timeout, cfg.per_try_timeout)
+            timer = loop.call_later(max(0.0, timeout), _expire, done)
+            try:
+                outcome = await done
+            finally:
+                timer.cancel()
+            if outcome is Outcome.TIMEOUT:
+                up.abort()
+                if up.started:
+                    self.abort()
+            elif up.reusable and up.done is None and not up.upgraded:
+                state.put_idle(up, time.monotonic(), cfg.pool_max_idle)
+            elif not up.upgraded:
+                up.close()
+            if up.status:
+                outcome = Outcome.from_status(up.status) if outcome is Outcome.OK else outcome
+            return self._record(cluster, state, outcome, t0, up)
+        finally:
+            state.active -= 1
+
+    def _record(
+        self,
+        cluster: Cluster,
+        state: EndpointState,
+        outcome: Outcome,
+        t0: float,
+        up: Upstream | None = None,
+    ) -> Outcome:
+        now = time.monotonic()
+        latency = None
+        stats = cluster.stats
+        if up is not None and up.status:
+            latency = (up.first_byte or now) - t0
+            state.observe_latency(latency)
+            stats.observe(latency)
+            if up.started:
+                stats.responses[_CLASS[up.status // 100]] += 1
+            if up.status >= 500:
+                state.responses_5xx += 1
+        if outcome is not Outcome.OK:
+            state.failures += 1
+        cluster.record(state, outcome, now, latency)
+        return outcome
+
+    async def _connect(self, state: EndpointState, connect_timeout: float, left: float) -> Upstream:
+        ep = state.endpoint
+        async with asyncio.timeout(max(0.0, min(connect_timeout, left))):
+            _, up = await self.loop.create_connection(lambda: Upstream(state), ep.host, ep.port)
+        sock = up.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        return up
+
+    def _local(
+        self,
+        req: Request,
+        status: int,
+        *,
+        cluster: Cluster | None = None,
+        headers: tuple[bytes, ...] = (),
+    ) -> None:
+        """Answer from the LB itself. Close unless the request was fully read."""
+        self.server.count_local(status)
+        if cluster is not None:
+            cluster.stats.local[status] = cluster.stats.local.get(status, 0) + 1
+        close = not req.ended or not req.head.keep_alive or self.server.draining
+        if close:
+            self.keep_alive = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(
+                http1.error_response(status, close=close, headers=headers, version=req.head.version)
+            )
+
+
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+
+def _expire(done: asyncio.Future) -> None:
+    if not done.done():
+        done.set_result(Outcome.TIMEOUT)
