@@ -217,7 +217,9 @@ class RequestReader:
         self._sink.on_request_end()
 
 
-def build_upstream_head(head: RequestHead, client_ip: str, *, upgrade: bool = False) -> bytes:
+def build_upstream_head(
+    head: RequestHead, client_ip: str, *, upgrade: bool = False, default_host: bytes = b""
+) -> bytes:
     """The request head sent upstream: hop-by-hop fields removed (and those the client's
     Connection names), X-Forwarded-* and Via added, Host kept, body framing re-declared."""
     drop = head.connection_tokens
@@ -238,7 +240,8 @@ def build_upstream_head(head: RequestHead, client_ip: str, *, upgrade: bool = Fa
         # HTTP/1.0 without Host: take the authority of an absolute URL, if any.
         if head.url.startswith(b"http://"):
             host = head.url[7:].split(b"/", 1)[0]
-        lines.append(b"Host: " + host + b"\r\n") if host else None
+        # HTTP/1.1 requires Host (RFC 9112 §3.2): the upstream's address, as nginx does.
+        lines += (b"Host: ", host or default_host, b"\r\n")
     lines += (b"X-Forwarded-For: ", xff, client_ip.encode(), b"\r\n")
     lines.append(b"X-Forwarded-Proto: http\r\n")
     if host:

@@ -163,15 +163,15 @@ class Upstream(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         down = self.down
-        if down is not None and down.transport is not None:
-            down.transport.pause_reading()
-            down.reading_paused_by_upstream = True
+        if down is not None:
+            down.upstream_full = True
+            down.apply_flow()
 
     def resume_writing(self) -> None:
         down = self.down
-        if down is not None and down.reading_paused_by_upstream:
-            down.reading_paused_by_upstream = False
-            down.maybe_resume_reading()
+        if down is not None:
+            down.upstream_full = False
+            down.apply_flow()
 
     def data_received(self, data: bytes) -> None:
         if self.upgraded:
@@ -209,7 +209,9 @@ class Upstream(asyncio.Protocol):
         head = req.head
         self.head_only = head.method == b"HEAD"
         upgrade = head.upgrade is not None
-        data = http1.build_upstream_head(head, down.client_ip, upgrade=upgrade)
+        data = http1.build_upstream_head(
+            head, down.client_ip, upgrade=upgrade, default_host=self.state.endpoint.key.encode()
+        )
         chunked = head.chunked
         parts = [data]
         for piece in req.replay:
@@ -231,7 +233,8 @@ class Upstream(asyncio.Protocol):
             if head.expect_continue and not req.continue_sent:
                 req.continue_sent = True
                 down.transport.write(http1.CONTINUE)
-            down.maybe_resume_reading()
+            down.buffer_full = False
+            down.apply_flow()
 
     @staticmethod
     def _keep(req: Request, piece: bytes) -> None:
@@ -406,8 +409,11 @@ class Downstream(asyncio.Protocol):
         self.current: Request | None = None
         self.keep_alive = True
         self.closed = False
-        self.reading_paused_by_upstream = False
-        self.reading_paused_by_us = False
+        # Reading from the client pauses while either holds: the upstream's write buffer
+        # is full, or we hold too much (request body with no upstream yet, pipelining).
+        self.upstream_full = False
+        self.buffer_full = False
+        self.reading_paused = False
         self.writing_paused = False
         self.upstream: Upstream | None = None
         self.tunnel: Upstream | None = None
@@ -495,7 +501,8 @@ class Downstream(asyncio.Protocol):
             req.ended = False
         self.queue.append(req)
         if self.current is not None or len(self.queue) > 1:
-            self._pause_reading()  # pipelined: one at a time
+            self.buffer_full = True  # pipelined: one at a time
+            self.apply_flow()
         self._wakeup()
 
     def on_body(self, data: bytes) -> None:
@@ -509,7 +516,8 @@ class Downstream(asyncio.Protocol):
         req.body.append(data)
         req.buffered += len(data)
         if req.buffered > BODY_BUFFER_BYTES:
-            self._pause_reading()
+            self.buffer_full = True
+            self.apply_flow()
 
     def on_request_end(self) -> None:
         req = self.queue[-1] if self.queue else self.current
@@ -524,16 +532,18 @@ class Downstream(asyncio.Protocol):
 
     # Flow control
 
-    def _pause_reading(self) -> None:
-        if not self.reading_paused_by_us and self.transport is not None:
-            self.reading_paused_by_us = True
-            self.transport.pause_reading()
-
-    def maybe_resume_reading(self) -> None:
-        if self.reading_paused_by_us and not self.reading_paused_by_upstream:
-            self.reading_paused_by_us = False
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.resume_reading()
+    def apply_flow(self) -> None:
+        want = self.upstream_full or self.buffer_full
+        if want == self.reading_paused:
+            return
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        self.reading_paused = want
+        if want:
+            t.pause_reading()
+        else:
+            t.resume_reading()
 
     # Timers
 
@@ -564,10 +574,8 @@ class Downstream(asyncio.Protocol):
         self.tunnel = up
         self.upstream = None
         self.server.stats.upgrades += 1
-        self.maybe_resume_reading()
-        if self.reading_paused_by_upstream:
-            self.reading_paused_by_upstream = False
-            self.transport.resume_reading()
+        self.buffer_full = False
+        self.apply_flow()
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -611,7 +619,8 @@ class Downstream(asyncio.Protocol):
                 ):
                     self.close()
                     return
-                self.maybe_resume_reading()
+                self.upstream_full = self.buffer_full = False
+                self.apply_flow()
                 if not self.queue:
                     self._arm_idle()
         except Exception:

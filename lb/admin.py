@@ -1,0 +1,280 @@
+"""The admin port (aiohttp, off the data path): /healthz, /clusters, /metrics, /ring."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from lb.cluster import LATENCY_BUCKETS, Cluster
+from lb.ring import hash_key
+from lb.server import Server
+
+Gauges = Callable[[], dict[str, float]]
+
+
+def _wall(monotonic_at: float) -> float:
+    return round(time.time() + (monotonic_at - time.monotonic()), 3)
+
+
+def cluster_json(c: Cluster) -> dict:
+    view = c.view
+    det = c.detector
+    hc = c.health
+    endpoints = []
+    for i, st in enumerate(view.states):
+        ep = st.endpoint
+        m = det.monitors.get(ep.key)
+        ejection = None
+        if m is not None and m.ejected_until is not None:
+            ejection = {
+                "reason": m.ejected_reason,
+                "until": _wall(m.ejected_until),
+                "ejections": m.ejections,
+            }
+        health = "unchecked" if hc is None else "healthy" if hc.is_healthy(ep.key) else "unhealthy"
+        endpoints.append(
+            {
+                "address": ep.key,
+                "host": ep.host,
+                "port": ep.port,
+                "name": ep.name,
+                "weight": ep.weight,
+                "health": health,
+                "ejected": ejection is not None,
+                "ejection": ejection,
+                "usable": c.usable[i] if i < len(c.usable) else False,
+                "active_requests": st.active,
+                "requests": st.requests,
+                "responses_5xx": st.responses_5xx,
+                "failures": st.failures,
+                "spills": st.spills,
+                "latency_ewma_seconds": None
+                if st.latency_ewma is None
+                else round(st.latency_ewma, 6),
+                "idle_connections": len(st.idle),
+            }
+        )
+    table = None
+    if view.table is not None:
+        stats = view.table.stats()
+        table = {
+            "kind": view.table.kind,
+            "size": len(view.table.table)
+            if c.config.policy == "maglev"
+            else len(view.table.points),
+            "entries_min": stats.min,
+            "entries_max": stats.max,
+        }
+    cfg = c.config
+    return {
+        "name": cfg.name,
+        "policy": cfg.policy,
+        "hash_on": [str(s) for s in cfg.hash_on],
+        "hash_balance_factor": cfg.balance_factor or None,
+        "panic": c.panic,
+        "panic_mode": cfg.panic_mode,
+        "panic_threshold": cfg.panic_threshold,
+        "endpoints_total": len(view.states),
+        "endpoints_usable": sum(c.usable),
+        "table": table,
+        "endpoints": endpoints,
+    }
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def metrics_text(server: Server, gauges: Gauges | None = None) -> str:
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_: str) -> None:
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} {kind}")
+
+    def sample(name: str, labels: dict[str, str], value: float) -> None:
+        lab = ",".join(f'{k}="{_esc(str(v))}"' for k, v in labels.items())
+        out.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
+
+    clusters = server.clusters
+    family("mesh_lb_requests_total", "counter", "Responses sent to clients, by code class.")
+    for c in clusters:
+        classes = dict(c.stats.responses)
+        for status, n in c.stats.local.items():
+            classes[f"{status // 100}xx"] = classes.get(f"{status // 100}xx", 0) + n
+        for cls, n in classes.items():
+            sample("mesh_lb_requests_total", {"cluster": c.config.name, "code_class": cls}, n)
+    family("mesh_lb_local_responses_total", "counter", "Responses the LB made itself, by status.")
+    for status, n in sorted(server.stats.local.items()):
+        sample("mesh_lb_local_responses_total", {"code": str(status)}, n)
+    family(
+        "mesh_lb_upstream_latency_seconds",
+        "histogram",
+        "Time from sending a request upstream to its first response byte.",
+    )
+    for c in clusters:
+        s = c.stats
+        cum = 0
+        for bound, n in zip(LATENCY_BUCKETS, s.latency_counts, strict=False):
+            cum += n
+            sample(
+                "mesh_lb_upstream_latency_seconds_bucket",
+                {"cluster": c.config.name, "le": repr(bound)},
+                cum,
+            )
+        sample(
+            "mesh_lb_upstream_latency_seconds_bucket",
+            {"cluster": c.config.name, "le": "+Inf"},
+            s.latency_n,
+        )
+        sample("mesh_lb_upstream_latency_seconds_sum", {"cluster": c.config.name}, s.latency_sum)
+        sample("mesh_lb_upstream_latency_seconds_count", {"cluster": c.config.name}, s.latency_n)
+    family("mesh_lb_ejections_total", "counter", "Outlier ejections, by reason.")
+    for c in clusters:
+        for reason in ("consecutive_5xx", "consecutive_gateway_failure", "latency"):
+            sample(
+                "mesh_lb_ejections_total",
+                {"cluster": c.config.name, "reason": reason},
+                c.stats.ejections.get(reason, 0),
+            )
+    family("mesh_lb_retries_total", "counter", "Retries on another endpoint.")
+    for c in clusters:
+        sample("mesh_lb_retries_total", {"cluster": c.config.name}, c.stats.retries)
+    family("mesh_lb_retries_denied_total", "counter", "Retries the retry budget refused.")
+    for c in clusters:
+        sample("mesh_lb_retries_denied_total", {"cluster": c.config.name}, c.stats.retries_denied)
+    family(
+        "mesh_lb_random_picks_total",
+        "counter",
+        "Hashed requests with no hash key: random endpoint.",
+    )
+    for c in clusters:
+        sample("mesh_lb_random_picks_total", {"cluster": c.config.name}, c.stats.random_picks)
+    family("mesh_lb_panic", "gauge", "1 while too few endpoints are usable (panic mode).")
+    for c in clusters:
+        sample("mesh_lb_panic", {"cluster": c.config.name}, int(c.panic))
+    family("mesh_lb_panic_picks_total", "counter", "Requests routed while in panic (fail-open).")
+    for c in clusters:
+        sample("mesh_lb_panic_picks_total", {"cluster": c.config.name}, c.stats.panic_picks)
+    family("mesh_lb_endpoints", "gauge", "Endpoints, by state.")
+    for c in clusters:
+        sample("mesh_lb_endpoints", {"cluster": c.config.name, "state": "total"}, len(c.usable))
+        sample("mesh_lb_endpoints", {"cluster": c.config.name, "state": "usable"}, sum(c.usable))
+    per_endpoint = (
+        (
+            "mesh_lb_spills_total",
+            "counter",
+            "Requests sent off their home endpoint by bounded loads.",
+            "spills",
+        ),
+        (
+            "mesh_lb_endpoint_active_requests",
+            "gauge",
+            "Requests in flight to an endpoint.",
+            "active",
+        ),
+        ("mesh_lb_endpoint_requests_total", "counter", "Tries sent to an endpoint.", "requests"),
+    )
+    for name, kind, help_, attr in per_endpoint:
+        family(name, kind, help_)
+        for c in clusters:
+            for st in c.view.states:
+                labels = {"cluster": c.config.name, "endpoint": st.endpoint.key}
+                sample(name, labels, getattr(st, attr))
+    family("mesh_lb_endpoint_ejected", "gauge", "1 while an endpoint is ejected.")
+    for c in clusters:
+        for st in c.view.states:
+            labels = {"cluster": c.config.name, "endpoint": st.endpoint.key}
+            sample("mesh_lb_endpoint_ejected", labels, int(c.detector.is_ejected(st.endpoint.key)))
+    family("mesh_lb_active_connections", "gauge", "Open client connections.")
+    sample("mesh_lb_active_connections", {}, len(server.connections))
+    family("mesh_lb_connections_total", "counter", "Client connections accepted.")
+    sample("mesh_lb_connections_total", {}, server.stats.connections_total)
+    family("mesh_lb_upgrades_total", "counter", "Connections upgraded (WebSocket) and tunnelled.")
+    sample("mesh_lb_upgrades_total", {}, server.stats.upgrades)
+    for name, value in (gauges() if gauges else {}).items():
+        family(name, "gauge", name.replace("_", " "))
+        sample(name, {}, value)
+    return "\n".join(out) + "\n"
+
+
+def ring_json(c: Cluster, key: str) -> dict:
+    view = c.view
+    h = hash_key(key.encode())
+    out: dict = {
+        "cluster": c.config.name,
+        "key": key,
+        "hash_input": f"the key, as the value of {c.config.hash_on[0]}"
+        if c.config.hash_on
+        else "the key",
+        "hash_on": [str(s) for s in c.config.hash_on],
+        "key_hash": h,
+        "policy": c.config.policy,
+    }
+    if view.table is None or not view.states:
+        out.update(home=None, endpoint=None, next=[])
+        return out
+    order = view.table.candidates(h, len(view.states))
+    usable = c.usable if not c.panic else [True] * len(view.states)
+    home = view.endpoints[order[0]].key
+    first_usable = next((i for i in order if usable[i]), None)
+    out["slot"] = h % view.table.size if c.config.policy == "maglev" else None
+    out["home"] = home
+    out["endpoint"] = None if first_usable is None else view.endpoints[first_usable].key
+    out["reason"] = (
+        "home"
+        if first_usable == order[0]
+        else "home unusable (ejected or failing checks): next in hash order"
+    )
+    out["next"] = [
+        {"address": view.endpoints[i].key, "usable": usable[i]}
+        for i in order[1 : 1 + 1 + c.config.retries]
+    ]
+    return out
+
+
+def make_app(
+    server: Server, *, gauges: Gauges | None = None, ready: Callable[[], bool] | None = None
+) -> web.Application:
+    app = web.Application()
+
+    async def healthz(request: web.Request) -> web.Response:
+        ok = not server.draining and (ready() if ready else True)
+        return web.json_response({"ok": ok, "draining": server.draining}, status=200 if ok else 503)
+
+    async def clusters(request: web.Request) -> web.Response:
+        return web.json_response({"clusters": [cluster_json(c) for c in server.clusters]})
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(
+            text=metrics_text(server, gauges),
+            content_type="text/plain",
+            charset="utf-8",
+            headers={"X-Content-Type-Options": "nosniff"},
+        )
+
+    async def ring(request: web.Request) -> web.Response:
+        key = request.query.get("key")
+        if key is None:
+            return web.json_response({"error": "missing ?key="}, status=400)
+        name = request.query.get("cluster")
+        cands = [c for c in server.clusters if name is None or c.config.name == name]
+        if not cands:
+            return web.json_response({"error": f"no cluster {name!r}"}, status=404)
+        return web.json_response(ring_json(cands[0], key))
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/clusters", clusters)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/ring", ring)
+    return app
+
+
+async def start_admin(app: web.Application, sock) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.SockSite(runner, sock)
+    await site.start()
+    return runner

@@ -1,0 +1,46 @@
+"""Registry → LB: healthy instances of a service become the cluster's endpoint set.
+
+Only ``passing`` instances are routed to: the sidecar publishes ``warning``, ``critical``
+and ``draining`` from its local probes and its shutdown, and the LB honours them. While
+the registry is away the follower keeps the last snapshot, so routing keeps working.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from lb.cluster import Cluster
+from lb.endpoints import Endpoint, EndpointSet
+from registry.model import Snapshot
+from registry.store import RegistryStore
+
+log = logging.getLogger(__name__)
+
+
+def endpoints_for(snapshot: Snapshot, service: str) -> EndpointSet:
+    return EndpointSet.of(
+        Endpoint(i.address, i.port, i.weight, name=i.id)
+        for i in snapshot.service(service, healthy_only=True)
+    )
+
+
+class RegistryFeed:
+    """Feed every service cluster from registry snapshots (through a ``Follower``)."""
+
+    def __init__(self, store: RegistryStore, clusters: Iterable[tuple[str, Cluster]]) -> None:
+        from registry.follow import Follower
+
+        self.store = store
+        self.clusters = list(clusters)
+        self.follower = Follower(store, self._on_snapshot, name="lb")
+
+    async def _on_snapshot(self, snap: Snapshot) -> None:
+        for service, cluster in self.clusters:
+            await cluster.set_endpoints(endpoints_for(snap, service))
+
+    def gauges(self) -> dict[str, float]:
+        return {
+            "mesh_registry_connected": float(self.follower.connected),
+            "mesh_registry_snapshots": float(self.follower.snapshots),
+        }
