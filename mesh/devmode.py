@@ -191,7 +191,7 @@ class DevMesh:
             self._mesh(
                 "lb", "--listen", f"127.0.0.1:{self.lb_port}", "--admin", f"127.0.0.1:{self.admin_port}",
                 "--service", SERVICE, "--mongo-url", self.url, "--policy", "maglev",
-                "--hash-on", f"header:{HASH_HEADER}", "--health-interval", "1",
+                "--hash-on", f"header:{HASH_HEADER}", "--health-path", "/healthz", "--health-interval", "1",
                 "--retries", "2",
             ),
             self._workdir,
