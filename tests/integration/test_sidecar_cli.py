@@ -1,0 +1,197 @@
+"""``mesh sidecar`` and ``mesh resolve`` as users run them: real processes, real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+
+import pytest
+
+from registry.model import Instance
+
+LISTENING = re.compile(r"listening dns=(\S+):(\d+)$")
+
+
+class Proc:
+    """A ``mesh`` subprocess whose stderr lines are collected as they come."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._changed = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls, *args: str, env: dict | None = None) -> Proc:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mesh", *args,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})},
+        )  # fmt: skip
+        return cls(proc)
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+            self._changed.set()
+        self._changed.set()
+
+    async def wait_line(self, pattern: re.Pattern | str, timeout: float = 15) -> re.Match:
+        pattern = re.compile(pattern) if isinstance(pattern, str) else pattern
+        async with asyncio.timeout(timeout):
+            seen = 0
+            while True:
+                for line in self.lines[seen:]:
+                    match = pattern.search(line)
+                    if match:
+                        return match
+                seen = len(self.lines)
+                if self.proc.returncode is not None and self._reader.done():
+                    raise AssertionError(f"exited {self.proc.returncode}: {self.lines[-5:]}")
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+        await self.proc.wait()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def sidecar(db_url: str, *extra: str):
+    args = [
+        "sidecar", "--service", "web", "--port", "8080", "--instance", "one",
+        "--address", "127.0.0.1", "--check", "none", "--dns-listen", "127.0.0.1:0",
+        "--upstream", "none", "--mongo-url", db_url, *extra,
+    ]  # fmt: skip
+    proc = await Proc.start(*args)
+    try:
+        match = await proc.wait_line(LISTENING)
+        yield proc, f"{match.group(1)}:{match.group(2)}"
+    finally:
+        await proc.stop()
+
+
+async def run_mesh(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mesh", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def wait_for(predicate, timeout: float):
+    async with asyncio.timeout(timeout):
+        while not await predicate():
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.one_loop
+async def test_sigterm_drains_then_deregisters_and_exits_0(db_url, store):
+    async with sidecar(db_url, "--drain", "1") as (proc, dns_at):
+        await proc.wait_line("web/one: registered at 127.0.0.1:8080")
+        await store.register(
+            Instance(service="web", instance="two", address="127.0.0.2", port=8080), 30
+        )
+
+        async def both():
+            code, out, _ = await run_mesh("resolve", "_web._tcp.service.mesh", "--server", dns_at)
+            return code == 0 and len(out.splitlines()) == 2
+
+        await wait_for(both, 10)
+        code, out, _ = await run_mesh("resolve", "_web._tcp.service.mesh", "--server", dns_at)
+        assert out.splitlines() == [
+            "1 100 8080 one.web.service.mesh 127.0.0.1",
+            "1 100 8080 two.web.service.mesh 127.0.0.2",
+        ]
+        code, out, _ = await run_mesh("resolve", "one.web.service.mesh", "--server", dns_at)
+        assert (code, out) == (0, "127.0.0.1\n")
+
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        proc.proc.send_signal(signal.SIGTERM)
+
+        async def draining():
+            return {i.instance: i.status for i in await store.list()}.get("one") == "draining"
+
+        await wait_for(draining, 1)
+        code, out, _ = await run_mesh("resolve", "_web._tcp.service.mesh", "--server", dns_at)
+        assert out.splitlines() == ["1 100 8080 two.web.service.mesh 127.0.0.2"]
+        assert await asyncio.wait_for(proc.proc.wait(), 10) == 0
+        assert loop.time() - t0 >= 1.0  # the drain was waited out
+        assert [i.instance for i in await store.list()] == ["two"]
+        await proc.wait_line("web/one: deregistered")
+
+
+@pytest.mark.one_loop
+async def test_second_signal_exits_at_once(db_url, store):
+    async with sidecar(db_url, "--drain", "30") as (proc, _):
+        await proc.wait_line("web/one: registered")
+        proc.proc.send_signal(signal.SIGINT)
+        await proc.wait_line("web/one: draining")
+        proc.proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.proc.wait(), 5) == 1
+
+
+@pytest.mark.one_loop
+async def test_flags_from_env_and_dig_over_udp_and_tcp(db_url):
+    env = {"MESH_TAG": "blue,canary", "MESH_WEIGHT": "7", "MESH_DNS_TTL": "9"}
+    args = [
+        "sidecar", "--service", "web", "--port", "8080", "--instance", "one",
+        "--address", "127.0.0.1", "--check", "none", "--dns-listen", "127.0.0.1:0",
+        "--upstream", "none", "--mongo-url", db_url,
+    ]  # fmt: skip
+    proc = await Proc.start(*args, env=env)
+    try:
+        match = await proc.wait_line(LISTENING)
+        port = match.group(2)
+        await proc.wait_line("registered")
+        for transport in ("+notcp", "+tcp"):
+            answer = ""
+            for _ in range(100):
+                dig = await asyncio.create_subprocess_exec(
+                    "dig", "@127.0.0.1", "-p", port, transport, "+short", "+time=2", "+tries=1",
+                    "_web._canary.service.mesh", "SRV", stdout=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                answer = (await dig.communicate())[0].decode().strip()
+                if answer:
+                    break
+                await asyncio.sleep(0.05)
+            assert answer == "1 7 8080 one.web.service.mesh."
+    finally:
+        await proc.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "80"], "--service is required"),
+        (["--service", "web"], "--port is required"),
+        (["--service", "web", "--port", "0"], "--port: must be an integer 1-65535"),
+        (["--service", "web", "--port", "80", "--weight", "0"], "--weight"),
+        (["--service", "web", "--port", "80", "--check", "udp"], "--check"),
+        (["--service", "web", "--port", "80", "--meta", "novalue"], "--meta"),
+        (["--service", "web", "--port", "80", "--dns-listen", "nowhere"], "--dns-listen"),
+        (["--service", "web", "--port", "80", "--upstream", "x:y"], "--upstream"),
+        (["--service", "web", "--port", "80", "--tag", "Bad_Tag"], "--tag"),
+    ],
+)
+@pytest.mark.one_loop
+async def test_bad_flags_get_one_line_and_exit_2(args, message):
+    code, _, err = await run_mesh("sidecar", *args)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and message in err
+
+
+@pytest.mark.one_loop
+async def test_resolve_reports_a_missing_name(db_url):
+    async with sidecar(db_url) as (_, dns_at):
+        code, out, err = await run_mesh("resolve", "nope.service.mesh", "--server", dns_at)
+        assert code == 1 and out == "" and "nope.service.mesh A" in err
