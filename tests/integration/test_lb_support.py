@@ -162,7 +162,7 @@ async def lb_in_process(
         hash_on=tuple(HashSource.parse(h) for h in hash_on), outlier=outlier, **cfg
     )
     cluster = Cluster(config)
-    eps = [b.endpoint if isinstance(b, Backend) else b for b in bs]
+    eps = [b if isinstance(b, Endpoint) else b.endpoint for b in bs]
     await cluster.set_endpoints(EndpointSet.of(eps))
     server = Server([Route(cluster)], idle_timeout=idle_timeout)
     host, port = await server.listen(bind("127.0.0.1", 0))
@@ -297,3 +297,49 @@ class LBProcess:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+# A backend in its own process, to be killed with SIGKILL mid-load.
+
+BACKEND_MAIN = """
+import asyncio, socket, sys
+from aiohttp import web
+sys.path.insert(0, {repo!r})
+from tests.integration.test_lb_support import Backend
+
+async def main():
+    b = await Backend(sys.argv[1]).start()
+    print(b.port, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+class BackendProcess:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.port = 0
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint("127.0.0.1", self.port)
+
+    @property
+    def key(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> BackendProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", BACKEND_MAIN.format(repo=REPO), self.name,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=REPO,
+        )  # fmt: skip
+        async with asyncio.timeout(20):
+            self.port = int((await self.proc.stdout.readline()).decode())
+        return self
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
