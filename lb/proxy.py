@@ -657,45 +657,33 @@ class Downstream(asyncio.Protocol):
         now = time.monotonic()
         deadline = now + cfg.request_timeout
         budget = cluster.budget
-        budget.active_requests += 1
-        attempt = 0
+        budget.on_request(now)
         up = None
         outcome = Outcome.CONNECT_FAILED
         n_tries = len(pick.order)
-        retrying = False
-        try:
-            for idx in pick.order:
-                attempt += 1
-                if attempt > 1:
-                    if not budget.try_acquire():
-                        cluster.stats.retries_denied += 1
-                        break
-                    retrying = True
-                    cluster.stats.retries += 1
-                state = view.states[idx]
-                try:
-                    outcome = await self._try(cluster, state, req, deadline, attempt, n_tries)
-                finally:
-                    if retrying:
-                        budget.release()
-                        retrying = False
-                up = self.upstream
-                self.upstream = None
-                if outcome is Outcome.OK or self.closed:
-                    return
-                if up is not None and up.started:
-                    return  # the response (a 5xx) went to the client
-                if time.monotonic() >= deadline or not should_retry(
-                    outcome,
-                    method=head.method,
-                    status=up.status if up is not None else 0,
-                    attempt=attempt,
-                    max_retries=cfg.retries,
-                    replayable=req.replayable and head.upgrade is None,
-                ):
+        for attempt, idx in enumerate(pick.order, 1):
+            if attempt > 1:
+                if not budget.try_acquire(time.monotonic()):
+                    cluster.stats.retries_denied += 1
                     break
-        finally:
-            budget.active_requests -= 1
+                cluster.stats.retries += 1
+            state = view.states[idx]
+            outcome = await self._try(cluster, state, req, deadline, attempt, n_tries)
+            up = self.upstream
+            self.upstream = None
+            if outcome is Outcome.OK or self.closed:
+                return
+            if up is not None and up.started:
+                return  # the response (a 5xx) went to the client
+            if time.monotonic() >= deadline or not should_retry(
+                outcome,
+                method=head.method,
+                status=up.status if up is not None else 0,
+                attempt=attempt,
+                max_retries=cfg.retries,
+                replayable=req.replayable and head.upgrade is None,
+            ):
+                break
         if self.closed:
             return
         if outcome is Outcome.TIMEOUT:

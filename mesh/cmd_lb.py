@@ -114,7 +114,7 @@ OPTIONS = (
     Option("panic", choice("fail-open", "fail-closed"), "fail-open", "in panic route to all endpoints, or answer 503"),
     Option("retries", integer(0, 10), 2, "retries on the next endpoint"),
     Option("per-try-timeout", _seconds(0, 3600), 0.0, "timeout of one try, seconds (0: only --request-timeout)"),
-    Option("retry-budget", number(0, 100), 20.0, "retries in flight as a percent of requests in flight"),
+    Option("retry-budget", number(0, 100), 20.0, "retries as a percent of requests over the last 10 s (plus 10/s)"),
     Option("connect-timeout", _seconds(0.01, 600), 2.0, "upstream connect timeout, seconds"),
     Option("request-timeout", _seconds(0.01, 86400), 30.0, "whole upstream response timeout, seconds"),
     Option("idle-timeout", _seconds(0, 86400), 60.0, "client keep-alive idle timeout, seconds (0: none)"),

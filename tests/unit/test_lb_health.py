@@ -63,8 +63,11 @@ def test_retry_decision():
 
 
 def test_retry_budget():
-    b = RetryBudget(percent=20, min_concurrency=3)
-    b.active_requests = 30
-    assert [b.try_acquire() for _ in range(7)] == [True] * 6 + [False]
-    b.release()
-    assert b.try_acquire()
+    b = RetryBudget(percent=20, min_per_second=1, ttl=10)
+    for _ in range(100):
+        b.on_request(0.5)
+    # 20 % of 100 requests + a floor of 1/s over 10 s = 30 retries.
+    assert [b.try_acquire(1.0) for _ in range(31)] == [True] * 30 + [False]
+    # Ten seconds later the window has moved past all of it.
+    assert b.try_acquire(11.5)
+    assert RetryBudget(percent=0, min_per_second=0).try_acquire(0.0) is False
