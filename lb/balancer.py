@@ -27,6 +27,10 @@ class Pick:
     order: tuple[int, ...]
     spilled: bool = False
     panic: bool = False
+    # Only the home is listed when it is usable: the rest of the hash order is computed
+    # when a retry needs it (``Picker.rest``), which most requests never do.
+    key_hash: int | None = None
+    partial: bool = False
 
 
 def panic_state(usable: Sequence[bool], threshold_percent: float) -> bool:
@@ -100,6 +104,10 @@ class Picker:
         n = len(usable)
         if key_hash is None:
             key_hash = self._rng.getrandbits(32)
+        if not self.balance_factor:
+            home = table.lookup(key_hash)
+            if home >= 0 and usable[home]:
+                return Pick((home,), panic=panic, key_hash=key_hash, partial=tries > 1)
         want = n if self.balance_factor else min(n, tries + (n - sum(usable)))
         cands = [i for i in table.candidates(key_hash, want) if usable[i]]
         if not cands:
@@ -113,3 +121,13 @@ class Picker:
                         cands = [i] + cands[:pos] + cands[pos + 1 :]
                     break
         return Pick(tuple(cands[:tries]), spilled=cands[0] != home, panic=panic)
+
+    @staticmethod
+    def rest(table: Table, pick: Pick, usable: Sequence[bool], tries: int) -> tuple[int, ...]:
+        """The full try order for a partial pick: its home, then the hash order."""
+        n = len(usable)
+        want = min(n, tries + (n - sum(usable)))
+        cands = [i for i in table.candidates(pick.key_hash or 0, want) if usable[i]]
+        if not cands or cands[0] != pick.order[0]:
+            cands = [pick.order[0]] + [i for i in cands if i != pick.order[0]]
+        return tuple(cands[:tries])

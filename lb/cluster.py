@@ -259,6 +259,13 @@ class Cluster:
             view.states[pick.order[0]].spills += 1
         return view, pick
 
+    def rest(self, view: View, pick: Pick, tries: int) -> tuple[int, ...]:
+        """The whole try order of a pick that listed only its home."""
+        usable = [True] * len(view.states) if self.panic else self.usable
+        if len(usable) != len(view.states):
+            return pick.order  # the set changed under the request: try the home only
+        return self.picker.rest(view.table, pick, usable, tries)
+
     def record(self, state: EndpointState, outcome: Outcome, now: float, latency: float | None):
         events = self.detector.record(state.endpoint.key, outcome, now, latency=latency)
         if events:

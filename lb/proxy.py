@@ -15,6 +15,7 @@ import logging
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import httptools
@@ -98,7 +99,8 @@ class Upstream(asyncio.Protocol):
         "upgraded",
         "t0",
         "first_byte",
-        "_paused",
+        "out",
+        "pending",
     )
 
     def __init__(self, state: EndpointState) -> None:
@@ -108,9 +110,10 @@ class Upstream(asyncio.Protocol):
         self.reusable = False
         self.down: Downstream | None = None
         self.req: Request | None = None
-        self.done: asyncio.Future | None = None
+        self.done: Callable[[Outcome], None] | None = None
+        self.pending: Outcome | None = None
         self.upgraded = False
-        self._paused = False
+        self.out: list[bytes] | None = None  # downstream bytes gathered during one read
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -144,7 +147,7 @@ class Upstream(asyncio.Protocol):
             if down is not None:
                 down.close()
             return
-        if self.done is None or self.done.done():
+        if self.done is None:
             return
         if self.started and not self.close_delimited and down is not None:
             down.abort()  # the body was cut short: the client must see an error, not an end
@@ -154,7 +157,7 @@ class Upstream(asyncio.Protocol):
                 down.transport.write(http1.LAST_CHUNK)
             if not self.keep_alive_out:
                 down.keep_alive = False
-            self._finish(Outcome.OK)
+            self._complete_at_close()
             return
         self._finish(Outcome.RESET)
 
@@ -182,11 +185,17 @@ class Upstream(asyncio.Protocol):
             return
         if not self.first_byte:
             self.first_byte = time.monotonic()
+        down = self.down
+        # Everything one read produces for the client (head, body, last chunk) goes out in
+        # one write: a syscall costs as much as all the Python around it.
+        self.out = []
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
+            self._flush(down)
             self._upgrade(data[int(exc.args[0]) :])
         except HttpParserCallbackError as exc:
+            self._flush(down)
             if isinstance(exc.__context__, _StopBody):
                 # A HEAD response: llhttp would wait for Content-Length bytes.
                 self.parser = httptools.HttpResponseParser(self)
@@ -195,11 +204,37 @@ class Upstream(asyncio.Protocol):
                 log.debug("upstream %s: callback error", self.state.endpoint.key, exc_info=True)
                 self._broken()
         except HttpParserError:
+            self._flush(down)
             self._broken()
+        else:
+            self._flush(down)
+        pending = self.pending
+        if pending is not None:
+            # The response ended in this read; its bytes are out, now let the request go on.
+            self.pending = None
+            done = self.done
+            self.done = None
+            if done is not None:
+                done(pending)
+
+    def _flush(self, down: Downstream | None) -> None:
+        out = self.out
+        self.out = None
+        if out and down is not None and down.transport is not None:
+            down.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _emit(self, data: bytes) -> None:
+        out = self.out
+        if out is not None:
+            out.append(data)
+        elif self.down is not None and self.down.transport is not None:
+            self.down.transport.write(data)
 
     # Exchange
 
-    def start(self, down: Downstream, req: Request, done: asyncio.Future, *, discard_5xx: bool):
+    def start(
+        self, down: Downstream, req: Request, done: Callable[[Outcome], None], *, discard_5xx: bool
+    ) -> None:
         """Send the request head (and the body so far) and wire the body stream."""
         self.down = down
         self.req = req
@@ -254,32 +289,42 @@ class Upstream(asyncio.Protocol):
             self.transport.write(http1.LAST_CHUNK)
 
     def _finish(self, outcome: Outcome) -> None:
+        """Tell the request how this exchange ended (once)."""
         done = self.done
         req = self.req
         if req is not None and req.sink is self:
             req.sink = None
         self.done = None
-        if done is not None and not done.done():
-            done.set_result(outcome)
+        if done is not None:
+            done(outcome)
 
     def _complete(self) -> None:
-        """The response ended: hand the connection back (or close it), wake the request."""
+        """The response ended: settle keep-alive, detach, and report after the flush."""
         down = self.down
         req = self.req
         body_sent = req is not None and req.ended
         if self.started and down is not None:
             if self.chunked_out:
-                down.transport.write(http1.LAST_CHUNK)
+                self._emit(http1.LAST_CHUNK)
             if not self.keep_alive_out:
                 down.keep_alive = False
         if req is not None and not req.ended and down is not None:
             down.keep_alive = False  # the upstream answered before the body ended
-        outcome = Outcome.from_status(self.status)
         upstream_keep = self.parser.should_keep_alive() if not self.head_only else True
-        self.reusable = self.reusable and bool(body_sent) and upstream_keep
-        self._finish(outcome)
+        self.reusable = self.reusable and body_sent and upstream_keep
+        if req is not None and req.sink is self:
+            req.sink = None
         self.down = None
         self.req = None
+        self.pending = Outcome.from_status(self.status)
+
+    def _complete_at_close(self) -> None:
+        req = self.req
+        if req is not None and req.sink is self:
+            req.sink = None
+        self.down = None
+        self.req = None
+        self._finish(Outcome.OK)
 
     def _broken(self) -> None:
         self.reusable = False
@@ -375,7 +420,7 @@ class Upstream(asyncio.Protocol):
             connection_tokens=conn_tokens,
         )
         self.started = True
-        down.transport.write(head)
+        self._emit(head)
         if self.head_only:
             raise _StopBody
 
@@ -383,9 +428,9 @@ class Upstream(asyncio.Protocol):
         if self.discard:
             return
         if self.chunked_out:
-            self.down.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self._emit(b"%x\r\n%s\r\n" % (len(data), data))
         else:
-            self.down.transport.write(data)
+            self._emit(data)
 
     def on_message_complete(self) -> None:
         if self.status == 0 or self.status == 101:
@@ -397,7 +442,13 @@ class Upstream(asyncio.Protocol):
 
 
 class Downstream(asyncio.Protocol):
-    """One client connection: parse requests, run them one at a time, keep alive."""
+    """One client connection: parse requests, run them one at a time, keep alive.
+
+    The common case runs without a task: the request is routed, an idle upstream
+    connection taken and the head written from ``data_received``; the response completes
+    from the upstream's ``data_received``. A task takes over only when the request needs
+    to wait: a new upstream connection, or a retry.
+    """
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -414,13 +465,13 @@ class Downstream(asyncio.Protocol):
         self.upstream_full = False
         self.buffer_full = False
         self.reading_paused = False
-        self.writing_paused = False
         self.upstream: Upstream | None = None
         self.tunnel: Upstream | None = None
-        self._wake: asyncio.Future | None = None
-        self._task: asyncio.Task | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0
         self.busy = False
+        # The exchange in flight on the fast path.
+        self._x: _Exchange | None = None
 
     def __repr__(self) -> str:
         return f"<Downstream {self.client_ip} busy={self.busy} queued={len(self.queue)}>"
@@ -431,30 +482,26 @@ class Downstream(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
-        self.server.connections.add(self)
-        self.server.stats.connections_total += 1
-        self._task = self.loop.create_task(self._serve())
+        self.server.connection_opened(self)
         self._arm_idle()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        self.server.connections.discard(self)
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+            self._idle_timer = None
         if self.tunnel is not None:
             self.tunnel.close()
         up = self.upstream
         if up is not None and up.done is not None:
             up.abort()  # the client left mid-exchange; the upstream connection is unusable
-        self._wakeup()
+        if not self.busy:
+            self.server.connection_finished(self)
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
             self.tunnel.transport.write(data)
             return
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
         cur = self.current or (self.queue[-1] if self.queue else None)
         if cur is not None and cur.head.upgrade is not None and cur.ended:
             # An upgrade in progress: these bytes belong to the new protocol.
@@ -474,6 +521,8 @@ class Downstream(asyncio.Protocol):
             req = self.queue[-1] if self.queue else self.current
             if req is not None:
                 req.tunnel_data += data[offset:]
+        if self.queue and not self.busy:
+            self._next()
 
     def eof_received(self):
         if self.current is None and not self.queue:
@@ -482,13 +531,11 @@ class Downstream(asyncio.Protocol):
         return True  # half-close: finish the response in flight, then close
 
     def pause_writing(self) -> None:
-        self.writing_paused = True
         up = self.upstream or self.tunnel
         if up is not None and up.transport is not None:
             up.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.writing_paused = False
         up = self.upstream or self.tunnel
         if up is not None and up.transport is not None and not up.transport.is_closing():
             up.transport.resume_reading()
@@ -500,10 +547,9 @@ class Downstream(asyncio.Protocol):
         if head.upgrade is not None:
             req.ended = False
         self.queue.append(req)
-        if self.current is not None or len(self.queue) > 1:
+        if self.busy or len(self.queue) > 1:
             self.buffer_full = True  # pipelined: one at a time
             self.apply_flow()
-        self._wakeup()
 
     def on_body(self, data: bytes) -> None:
         req = self.queue[-1] if self.queue else self.current
@@ -528,7 +574,6 @@ class Downstream(asyncio.Protocol):
         if sink is not None:
             req.sink = None
             sink.end_body()
-        self._wakeup()
 
     # Flow control
 
@@ -548,16 +593,25 @@ class Downstream(asyncio.Protocol):
     # Timers
 
     def _arm_idle(self) -> None:
+        """One timer per connection, re-armed when it fires: no timer work per request."""
         timeout = self.server.idle_timeout
         if timeout > 0:
+            self.idle_since = self.loop.time()
             self._idle_timer = self.loop.call_later(timeout, self._on_idle_timeout)
 
     def _on_idle_timeout(self) -> None:
-        self._idle_timer = None
-        if not self.busy and not self.queue:
-            self.close()
+        timeout = self.server.idle_timeout
+        if self.busy or self.queue or self.closed:
+            left = timeout
+        else:
+            left = self.idle_since + timeout - self.loop.time()
+            if left <= 0:
+                self._idle_timer = None
+                self.close()
+                return
+        self._idle_timer = self.loop.call_later(left, self._on_idle_timeout)
 
-    # Writing our own responses
+    # Closing
 
     def _reject(self, status: int) -> None:
         """A malformed request: answer and close (the stream cannot be trusted)."""
@@ -580,110 +634,179 @@ class Downstream(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
-        self._wakeup()
 
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
-        self._wakeup()
 
-    def _wakeup(self) -> None:
-        w = self._wake
-        if w is not None and not w.done():
-            w.set_result(None)
+    # Running requests
 
-    # The connection's task
+    def _next(self) -> None:
+        """Start the next queued request (called when idle and one is queued)."""
+        while self.queue and not self.busy and not self.closed:
+            req = self.queue.popleft()
+            self.current = req
+            self.busy = True
+            try:
+                self._start(req)
+            except Exception:
+                log.exception("request from %s failed", self.client_ip)
+                self.abort()
+                self._done(req)
 
-    async def _serve(self) -> None:
-        try:
-            while not self.closed:
-                if not self.queue:
-                    self._wake = self.loop.create_future()
-                    await self._wake
-                    self._wake = None
-                    continue
-                req = self.queue.popleft()
-                self.current = req
-                self.busy = True
-                try:
-                    await self._handle(req)
-                finally:
-                    self.busy = False
-                    self.current = None
-                if self.tunnel is not None:
-                    return
-                if (
-                    not (self.keep_alive and req.head.keep_alive and req.ended)
-                    or req.head.upgrade is not None
-                    or self.server.draining
-                ):
-                    self.close()
-                    return
-                self.upstream_full = self.buffer_full = False
-                self.apply_flow()
-                if not self.queue:
-                    self._arm_idle()
-        except Exception:
-            log.exception("connection from %s failed", self.client_ip)
-            self.abort()
-        finally:
-            self.server.connection_finished(self)
-
-    async def _handle(self, req: Request) -> None:
-        server = self.server
+    def _start(self, req: Request) -> None:
         head = req.head
-        cluster = server.route(head)
+        cluster = self.server.route(head)
         if cluster is None:
             self._local(req, 404)
+            self._done(req)
             return
         cfg = cluster.config
         key_hash = None
-        if cluster.hashed and cfg.hash_on:
-            found = extract(
-                cfg.hash_on, headers=head.lower_pairs(), url=head.url, client_ip=self.client_ip
-            )
+        if cluster.hashed:
+            found = None
+            if cfg.hash_on:
+                found = extract(
+                    cfg.hash_on, headers=head.lower_pairs(), url=head.url, client_ip=self.client_ip
+                )
             if found is not None:
                 key_hash = hash_key(found[1])
             else:
                 cluster.stats.random_picks += 1
-        elif cluster.hashed:
-            cluster.stats.random_picks += 1
         tries = 1 + cfg.retries
         choice = cluster.choose(key_hash, tries)
         if choice is None:
             self._local(req, 503, cluster=cluster, headers=RETRY_AFTER)
+            self._done(req)
             return
         view, pick = choice
         now = time.monotonic()
-        deadline = now + cfg.request_timeout
-        budget = cluster.budget
-        budget.on_request(now)
-        up = None
+        cluster.budget.on_request(now)
+        x = _Exchange(cluster, view, pick, req, now + cfg.request_timeout, tries)
+        state = view.states[pick.order[0]]
+        up = state.take_idle(now, cfg.pool_idle_expiry) if head.upgrade is None else None
+        if up is None:
+            self._spawn(x, 0)  # connect first: that waits, so a task runs it
+            return
+        # Fast path: an idle connection to the home endpoint. No task, no future.
+        x.attempt = 1
+        self._begin(x, state, up, now)
+
+    def _begin(self, x: _Exchange, state: EndpointState, up: Upstream, now: float) -> None:
+        cfg = x.cluster.config
+        x.state = state
+        x.up = up
+        x.t0 = now
+        state.active += 1
+        state.requests += 1
+        self.upstream = up
+        self._x = x
+        timeout = x.deadline - now
+        if cfg.per_try_timeout:
+            timeout = min(timeout, cfg.per_try_timeout)
+        x.timer = self.loop.call_later(max(0.0, timeout), self._fast_timeout, x)
+        discard = x.attempt < x.n_tries and x.req.head.method in _IDEMPOTENT
+        up.start(self, x.req, self._fast_done, discard_5xx=discard)
+
+    def _fast_timeout(self, x: _Exchange) -> None:
+        up = x.up
+        if up is None or up.done is None:
+            return
+        up.done = None
+        self._fast_done(Outcome.TIMEOUT)
+
+    def _fast_done(self, outcome: Outcome) -> None:
+        x = self._x
+        if x is None:
+            return
+        self._x = None
+        try:
+            outcome = self._settle(x, outcome)
+            up = x.up
+            self.upstream = None
+            if outcome is Outcome.OK or self.closed or (up is not None and up.started):
+                self._done(x.req)
+                return
+            self._spawn(x, x.attempt)  # a retry may follow: the task decides and waits
+        except Exception:
+            log.exception("request from %s failed", self.client_ip)
+            self.abort()
+            self._done(x.req)
+
+    def _settle(self, x: _Exchange, outcome: Outcome) -> Outcome:
+        """After a try: cancel its timer, return or close its connection, record it."""
+        if x.timer is not None:
+            x.timer.cancel()
+            x.timer = None
+        up = x.up
+        state = x.state
+        state.active -= 1
+        cfg = x.cluster.config
+        if outcome is Outcome.TIMEOUT:
+            up.abort()
+            if up.started:
+                self.abort()
+        elif up.reusable and up.done is None and not up.upgraded:
+            state.put_idle(up, time.monotonic(), cfg.pool_max_idle)
+        elif not up.upgraded:
+            up.close()
+        if up.status and outcome is Outcome.OK:
+            outcome = Outcome.from_status(up.status)
+        return self._record(x.cluster, state, outcome, x.t0, up)
+
+    def _spawn(self, x: _Exchange, tried: int) -> None:
+        self.loop.create_task(self._slow(x, tried))
+
+    async def _slow(self, x: _Exchange, tried: int) -> None:
+        """The rest of a request that must wait: connects and retries."""
+        try:
+            await self._tries(x, tried)
+        except Exception:
+            log.exception("request from %s failed", self.client_ip)
+            self.abort()
+        finally:
+            self._done(x.req)
+
+    async def _tries(self, x: _Exchange, tried: int) -> None:
+        cluster = x.cluster
+        cfg = cluster.config
+        req = x.req
+        head = req.head
         outcome = Outcome.CONNECT_FAILED
-        n_tries = len(pick.order)
-        for attempt, idx in enumerate(pick.order, 1):
-            if attempt > 1:
-                if not budget.try_acquire(time.monotonic()):
+        up = x.up
+        while True:
+            if tried:
+                if self.closed:
+                    return
+                if up is not None and up.started:
+                    return  # the response (a 5xx) went to the client
+                outcome = x.outcome
+                if time.monotonic() >= x.deadline or not should_retry(
+                    outcome,
+                    method=head.method,
+                    status=up.status if up is not None else 0,
+                    attempt=tried,
+                    max_retries=cfg.retries,
+                    replayable=req.replayable and head.upgrade is None,
+                ):
+                    break
+                if tried >= x.n_tries:
+                    break
+                if tried >= len(x.order):
+                    x.order = cluster.rest(x.view, x.pick, x.tries)
+                    if tried >= len(x.order):
+                        break
+                if not cluster.budget.try_acquire(time.monotonic()):
                     cluster.stats.retries_denied += 1
                     break
                 cluster.stats.retries += 1
-            state = view.states[idx]
-            outcome = await self._try(cluster, state, req, deadline, attempt, n_tries)
-            up = self.upstream
-            self.upstream = None
-            if outcome is Outcome.OK or self.closed:
+            x.attempt = tried + 1
+            state = x.view.states[x.order[tried]]
+            x.outcome = await self._try(x, state)
+            tried += 1
+            up = x.up
+            if x.outcome is Outcome.OK or self.closed:
                 return
-            if up is not None and up.started:
-                return  # the response (a 5xx) went to the client
-            if time.monotonic() >= deadline or not should_retry(
-                outcome,
-                method=head.method,
-                status=up.status if up is not None else 0,
-                attempt=attempt,
-                max_retries=cfg.retries,
-                replayable=req.replayable and head.upgrade is None,
-            ):
-                break
         if self.closed:
             return
         if outcome is Outcome.TIMEOUT:
@@ -693,58 +816,81 @@ class Downstream(asyncio.Protocol):
         else:
             self._local(req, 502, cluster=cluster)
 
-    async def _try(
-        self,
-        cluster: Cluster,
-        state: EndpointState,
-        req: Request,
-        deadline: float,
-        attempt: int,
-        tries: int,
-    ) -> Outcome:
+    async def _try(self, x: _Exchange, state: EndpointState) -> Outcome:
         """One try at one endpoint; returns its outcome and records it."""
-        cfg = cluster.config
-        loop = self.loop
+        cfg = x.cluster.config
         t0 = time.monotonic()
+        x.up = None
+        req = x.req
+        up = state.take_idle(t0, cfg.pool_idle_expiry) if req.head.upgrade is None else None
+        if up is None:
+            state.active += 1
+            state.requests += 1
+            try:
+                up = await self._connect(state, cfg.connect_timeout, x.deadline - t0)
+            except (TimeoutError, OSError):
+                return self._record(x.cluster, state, Outcome.CONNECT_FAILED, t0)
+            finally:
+                state.active -= 1
+                state.requests -= 1  # counted again by _begin
+            if self.closed:
+                up.close()
+                return Outcome.RESET
+        fut: asyncio.Future[Outcome] = self.loop.create_future()
+
+        def done(outcome: Outcome) -> None:
+            if not fut.done():
+                fut.set_result(outcome)
+
+        self._begin_slow(x, state, up, t0, done)
+        outcome = await fut
+        self.upstream = None
+        return self._settle(x, outcome)
+
+    def _begin_slow(self, x, state, up, now, done) -> None:
+        cfg = x.cluster.config
+        x.state = state
+        x.up = up
+        x.t0 = now
         state.active += 1
         state.requests += 1
-        try:
-            up = state.take_idle(t0, cfg.pool_idle_expiry) if req.head.upgrade is None else None
-            if up is None:
-                try:
-                    up = await self._connect(state, cfg.connect_timeout, deadline - t0)
-                except TimeoutError:
-                    return self._record(cluster, state, Outcome.CONNECT_FAILED, t0)
-                except OSError:
-                    return self._record(cluster, state, Outcome.CONNECT_FAILED, t0)
-                if self.closed:
-                    up.close()
-                    return Outcome.RESET
-            done = loop.create_future()
-            self.upstream = up
-            discard = attempt < tries and req.head.method in _IDEMPOTENT
-            up.start(self, req, done, discard_5xx=discard)
-            timeout = deadline - t0
-            if cfg.per_try_timeout:
-                timeout = min(timeout, cfg.per_try_timeout)
-            timer = loop.call_later(max(0.0, timeout), _expire, done)
-            try:
-                outcome = await done
-            finally:
-                timer.cancel()
-            if outcome is Outcome.TIMEOUT:
-                up.abort()
-                if up.started:
-                    self.abort()
-            elif up.reusable and up.done is None and not up.upgraded:
-                state.put_idle(up, time.monotonic(), cfg.pool_max_idle)
-            elif not up.upgraded:
-                up.close()
-            if up.status:
-                outcome = Outcome.from_status(up.status) if outcome is Outcome.OK else outcome
-            return self._record(cluster, state, outcome, t0, up)
-        finally:
-            state.active -= 1
+        self.upstream = up
+        timeout = x.deadline - now
+        if cfg.per_try_timeout:
+            timeout = min(timeout, cfg.per_try_timeout)
+
+        def expire() -> None:
+            if up.done is not None:
+                up.done = None
+                done(Outcome.TIMEOUT)
+
+        x.timer = self.loop.call_later(max(0.0, timeout), expire)
+        discard = x.attempt < x.n_tries and x.req.head.method in _IDEMPOTENT
+        up.start(self, x.req, done, discard_5xx=discard)
+
+    def _done(self, req: Request) -> None:
+        """The request is over: keep the connection for the next one, or close it."""
+        self.busy = False
+        self.current = None
+        self.upstream = None
+        if self.tunnel is not None:
+            return
+        if self.closed:
+            self.server.connection_finished(self)
+            return
+        if (
+            not (self.keep_alive and req.head.keep_alive and req.ended)
+            or req.head.upgrade is not None
+            or self.server.draining
+        ):
+            self.close()
+            self.server.connection_finished(self)
+            return
+        self.upstream_full = self.buffer_full = False
+        self.apply_flow()
+        self.idle_since = self.loop.time()
+        if self.queue:
+            self._next()
 
     def _record(
         self,
@@ -803,10 +949,31 @@ class Downstream(asyncio.Protocol):
             )
 
 
+class _Exchange:
+    """A request's routing and progress across its tries."""
+
+    __slots__ = (
+        "cluster", "view", "pick", "req", "deadline", "tries", "n_tries", "order", "attempt",
+        "state", "up", "t0", "timer", "outcome",
+    )  # fmt: skip
+
+    def __init__(self, cluster, view, pick, req: Request, deadline: float, tries: int) -> None:
+        self.cluster = cluster
+        self.view = view
+        self.pick = pick
+        self.req = req
+        self.deadline = deadline
+        self.tries = tries
+        self.order = pick.order
+        n = len(view.states)
+        self.n_tries = min(tries, n) if pick.partial and n > 1 else len(pick.order)
+        self.attempt = 0
+        self.state: EndpointState | None = None
+        self.up: Upstream | None = None
+        self.t0 = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.outcome = Outcome.CONNECT_FAILED
+
+
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
-
-
-def _expire(done: asyncio.Future) -> None:
-    if not done.done():
-        done.set_result(Outcome.TIMEOUT)

@@ -88,6 +88,11 @@ class Server:
     def count_local(self, status: int) -> None:
         self.stats.local[status] = self.stats.local.get(status, 0) + 1
 
+    def connection_opened(self, conn: Downstream) -> None:
+        self.connections.add(conn)
+        self.stats.connections_total += 1
+        self._empty.clear()
+
     def connection_finished(self, conn: Downstream) -> None:
         self.connections.discard(conn)
         if not self.connections:
@@ -97,13 +102,9 @@ class Server:
 
     async def listen(self, sock: socket.socket) -> tuple[str, int]:
         """Serve on a bound socket; returns the real address (port 0 resolved)."""
-        srv = await self.loop.create_server(lambda: self._new_connection(), sock=sock, backlog=1024)
+        srv = await self.loop.create_server(lambda: Downstream(self), sock=sock, backlog=1024)
         self.servers.append(srv)
         return sock.getsockname()[:2]
-
-    def _new_connection(self) -> Downstream:
-        self._empty.clear()
-        return Downstream(self)
 
     def start(self) -> None:
         self._tasks.append(self.loop.create_task(self._maintain()))
