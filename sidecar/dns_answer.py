@@ -178,6 +178,7 @@ class Answers:
         self._zone = zone_wire
         self._ra = RA if config.forward else 0
         self.revision = revision
+        self._fast = {key: _fast_entry(entry, self._ra) for key, entry in entries.items()}
 
     def __repr__(self) -> str:
         return (
@@ -192,6 +193,33 @@ class Answers:
 
     def answer(self, data: bytes, *, udp: bool = True) -> bytes | str | None:
         """The reply to ``data``: bytes to send, FORWARD, or None to drop it silently."""
+        # Fast path: a plain query (QR=0, opcode QUERY, one question, nothing else but
+        # maybe one OPT) for a name we have a reply for that fits whole. The key lookup
+        # also validates the name: a hit means the bytes are one of our own wire names.
+        if len(data) > 16 and not data[2] & 0xF8 and data[4:10] == b"\x00\x01\x00\x00\x00\x00":
+            end = data.find(0, 12) + 5
+            fast = self._fast.get(data[12:end].lower())
+            if fast is not None and len(data) >= end:
+                arcount = data[10:12]
+                if arcount == b"\x00\x00":
+                    if not udp or end + fast[1] <= CLASSIC_UDP_LIMIT:
+                        return data[:2] + fast[2 + (data[2] & 1)] + data[12:end] + fast[0]
+                elif (
+                    arcount == b"\x00\x01"
+                    and data[end : end + 3] == b"\x00\x00\x29"
+                    and len(data) >= end + 11
+                    and data[end + 6] == 0
+                ):
+                    limit = MAX_TCP_MESSAGE
+                    if udp:
+                        limit = min(max((data[end + 3] << 8) | data[end + 4], 512), MAX_UDP_PAYLOAD)
+                    if end + fast[1] + OPT_SIZE <= limit:
+                        opt = _OPT_DO if data[end + 7] & DO_BIT else _OPT_PLAIN
+                        return data[:2] + fast[4 + (data[2] & 1)] + data[12:end] + fast[0] + opt
+        return self._answer(data, udp)
+
+    def _answer(self, data: bytes, udp: bool) -> bytes | str | None:
+        """Every query the fast path does not take: checks, misses, truncation."""
         if len(data) < HEADER_SIZE:
             return None  # not even a header: nothing to answer to
         flags = (data[2] << 8) | data[3]
@@ -246,6 +274,17 @@ class Answers:
         return q.qid + struct.pack("!HHHHH", flags, 1, 0, 0, 1) + q.question + opt
 
 
+def _fast_entry(entry: Entry, ra: int) -> tuple[bytes, int, bytes, bytes, bytes, bytes]:
+    """(rest, len(rest), then flags + counts for RD=0, RD=1, RD=0 with OPT, RD=1 with OPT)."""
+    an, ns, ar = entry.counts
+    heads = []
+    for opt in (0, 1):
+        for rd in (0, RD):
+            flags = QR | AA | ra | rd | entry.rcode
+            heads.append(struct.pack("!HHHHH", flags, 1, an, ns, ar + opt))
+    return (entry.rest, len(entry.rest), *heads)
+
+
 def _cut(entry: Entry, room: int) -> tuple[bytes, int, int, int]:
     """The longest prefix of whole records that fits in ``room`` bytes."""
     best = entry.cuts[0]
@@ -262,6 +301,11 @@ def _opt(do: bool) -> bytes:
     return b"\x00" + struct.pack(
         "!HHBBBBH", TYPE_OPT, MAX_UDP_PAYLOAD, 0, 0, DO_BIT if do else 0, 0, 0
     )
+
+
+OPT_SIZE = 11
+_OPT_PLAIN = _opt(False)
+_OPT_DO = _opt(True)
 
 
 # Parsing the query by hand

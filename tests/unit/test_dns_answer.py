@@ -335,3 +335,34 @@ def test_random_bytes_never_raise(data):
 def test_mangled_queries_never_raise(cut, tail):
     reply = ANSWERS.answer(QUERY[:cut] + tail)
     assert reply is None or isinstance(reply, bytes)
+
+
+NAMES = [
+    "_web._tcp.service.mesh.",
+    "WEB.service.mesh.",
+    "a.web.service.mesh.",
+    "blue.web.service.mesh.",
+    "nope.mesh.",
+    "example.com.",
+    "mesh.",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(NAMES),
+    st.sampled_from(["A", "AAAA", "SRV", "TXT", "ANY", "SOA"]),
+    st.sampled_from([None, 0, 1]),
+    st.integers(min_value=0, max_value=4096),
+    st.booleans(),
+    st.booleans(),
+    st.booleans(),
+)
+def test_fast_path_and_general_path_agree(name, rdtype, edns, payload, dnssec, rd, udp):
+    for answers in (ANSWERS, BIG):
+        kw = {} if edns is None else {"use_edns": edns, "payload": payload, "want_dnssec": dnssec}
+        query = dns.message.make_query(name, rdtype, **kw)
+        if not rd:
+            query.flags &= ~dns.flags.RD
+        wire = query.to_wire()
+        assert answers.answer(wire, udp=udp) == answers._answer(wire, udp)
