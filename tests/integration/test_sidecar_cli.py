@@ -195,3 +195,21 @@ async def test_resolve_reports_a_missing_name(db_url):
     async with sidecar(db_url) as (_, dns_at):
         code, out, err = await run_mesh("resolve", "nope.service.mesh", "--server", dns_at)
         assert code == 1 and out == "" and "nope.service.mesh A" in err
+
+
+@pytest.mark.one_loop
+async def test_dns_port_in_use_is_one_line_and_exit_2(db_url):
+    import socket
+
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", 0))
+    try:
+        port = taken.getsockname()[1]
+        code, _, err = await run_mesh(
+            "sidecar", "--service", "web", "--port", "80", "--address", "127.0.0.1",
+            "--dns-listen", f"127.0.0.1:{port}", "--mongo-url", db_url, "--upstream", "none",
+        )  # fmt: skip
+        assert code == 2
+        assert err.strip().splitlines()[-1].startswith("mesh sidecar: error: --dns-listen")
+    finally:
+        taken.close()
