@@ -34,7 +34,9 @@ def test_compose_matches_the_compose_spec():
     exe = shutil.which("check-jsonschema", path=str(Path(sys.executable).parent))
     assert exe, "check-jsonschema is a test dependency"
     out = subprocess.run(
-        [exe, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)], capture_output=True, text=True
+        [exe, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -57,8 +59,12 @@ def test_every_sidecar_sits_beside_an_app_of_its_service(compose):
     for name, svc in sidecars.items():
         cmd = svc["command"]
         app = services[svc["network_mode"].split(":", 1)[1]]
-        assert _flag(cmd, "--service") == lb_service, f"{name} registers another service than the LB routes"
-        assert _flag(cmd, "--port") == _flag(app["command"], "--port"), f"{name}: port is not its app's"
+        assert _flag(cmd, "--service") == lb_service, (
+            f"{name} registers another service than the LB routes"
+        )
+        assert _flag(cmd, "--port") == _flag(app["command"], "--port"), (
+            f"{name}: port is not its app's"
+        )
         assert app.get("dns") == ["127.0.0.1"], f"{name}: the app's resolver is not the sidecar"
         assert "entrypoint" in app, f"{name}: the app runs the example, not mesh"
 
@@ -85,10 +91,18 @@ def test_dockerfile_instructions():
     froms = [line for line in lines if line.upper().startswith("FROM")]
     assert froms[-1].split()[1].startswith("python:3.11-slim")
     final = lines[lines.index(froms[-1]) :]
-    assert any(line.startswith("USER") and "root" not in line for line in final), "final stage runs as root"
-    assert not any("gcc" in line or "build-essential" in line for line in final), "compilers in the final stage"
+    assert any(line.startswith("USER") and "root" not in line for line in final), (
+        "final stage runs as root"
+    )
+    assert not any("gcc" in line or "build-essential" in line for line in final), (
+        "compilers in the final stage"
+    )
     assert 'ENTRYPOINT ["mesh"]' in final
     hadolint = shutil.which("hadolint")
     if hadolint:
-        out = subprocess.run([hadolint, "--failure-threshold", "error", str(DOCKERFILE)], capture_output=True, text=True)
+        out = subprocess.run(
+            [hadolint, "--failure-threshold", "error", str(DOCKERFILE)],
+            capture_output=True,
+            text=True,
+        )
         assert out.returncode == 0, out.stdout
