@@ -64,6 +64,7 @@ class EndpointState:
         "latency_ewma",
         "idle",
         "connections",
+        "host_header",
     )
 
     def __init__(self, endpoint: Endpoint) -> None:
@@ -76,6 +77,7 @@ class EndpointState:
         self.latency_ewma: float | None = None
         self.idle: deque = deque()  # (conn, idle_since) most recent on the right
         self.connections = 0
+        self.host_header = endpoint.key.encode()  # Host for requests that came without one
 
     def observe_latency(self, seconds: float) -> None:
         prev = self.latency_ewma

@@ -70,19 +70,29 @@ class BadRequest(Exception):
 
 
 class RequestHead:
-    """A parsed request head. ``headers`` keeps ``(lower name, name, value)`` triples."""
+    """A parsed request head.
+
+    ``lines`` holds the fields to forward as they will be sent (name, ": ", value, CRLF),
+    built while parsing so the upstream head is one join; hop-by-hop and rewritten fields
+    are noted instead. ``picked`` holds ``(lower name, value)`` of the fields the router
+    asked for (hash keys).
+    """
 
     __slots__ = (
         "method",
         "url",
         "version",
-        "headers",
+        "lines",
+        "picked",
+        "n_headers",
         "content_length",
         "chunked",
         "keep_alive",
         "upgrade",
         "expect_continue",
         "host",
+        "xff",
+        "via",
         "connection_tokens",
     )
 
@@ -90,33 +100,60 @@ class RequestHead:
         self.method = b""
         self.url = b""
         self.version = "1.1"
-        self.headers: list[tuple[bytes, bytes, bytes]] = []
+        self.lines: list[bytes] = []
+        self.picked: list[tuple[bytes, bytes]] = []
+        self.n_headers = 0
         self.content_length: int | None = None
         self.chunked = False
         self.keep_alive = True
         self.upgrade: bytes | None = None
         self.expect_continue = False
         self.host = b""
+        self.xff = b""
+        self.via = b""
         self.connection_tokens: frozenset[bytes] = frozenset()
 
     @property
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
 
-    def lower_pairs(self) -> list[tuple[bytes, bytes]]:
-        return [(ln, v) for ln, _, v in self.headers]
-
     def __repr__(self) -> str:
         return f"<RequestHead {self.method.decode()} {self.url[:60].decode('latin-1')}>"
+
+
+# Request fields not forwarded as they came: hop-by-hop ones, those the proxy rewrites,
+# and the ones it reads on the way (Host is read and forwarded).
+_REQ_SPECIAL = HOP_BY_HOP | REWRITTEN | {b"host", b"x-forwarded-for"}
+CONNECTION_PLAIN = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+
+def drop_named(lines: list[bytes], names: frozenset[bytes]) -> list[bytes]:
+    """Remove the fields a Connection header names (RFC 9110 §7.6.1); ``lines`` come in
+    fours: name, ': ', value, CRLF."""
+    out: list[bytes] = []
+    for k in range(0, len(lines), 4):
+        if lines[k].lower() not in names:
+            out += lines[k : k + 4]
+    return out
 
 
 class RequestReader:
     """Drive httptools for one downstream connection; call the sink; enforce limits."""
 
-    __slots__ = ("_sink", "_parser", "_pending", "_head_bytes", "_fed", "_in_head", "_line_done")
+    __slots__ = (
+        "_sink",
+        "_parser",
+        "_pending",
+        "_head_bytes",
+        "_fed",
+        "_in_head",
+        "_line_done",
+        "_wanted",
+    )
 
-    def __init__(self, sink) -> None:
+    def __init__(self, sink, wanted: frozenset[bytes] = frozenset()) -> None:
         self._sink = sink
+        self._wanted = wanted
         self._parser = httptools.HttpRequestParser(self)
         self._pending = RequestHead()
         self._head_bytes = 0  # request line and fields parsed so far
@@ -168,11 +205,19 @@ class RequestReader:
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > MAX_HEADER_BYTES:
             raise BadRequest(431, "header section too large")
-        if len(head.headers) >= MAX_HEADERS:
+        head.n_headers += 1
+        if head.n_headers > MAX_HEADERS:
             raise BadRequest(431, "too many header fields")
         lname = name.lower()
-        head.headers.append((lname, name, value))
-        if lname == b"content-length":
+        if lname in self._wanted:
+            head.picked.append((lname, value))
+        if lname not in _REQ_SPECIAL:
+            head.lines += (name, b": ", value, b"\r\n")
+            return
+        if lname == b"host":
+            head.host = value
+            head.lines += (name, b": ", value, b"\r\n")
+        elif lname == b"content-length":
             if head.content_length is not None:
                 raise BadRequest(400, "several Content-Length fields")
             if not value.isdigit():
@@ -182,8 +227,6 @@ class RequestReader:
             if head.chunked or value.strip().lower() != b"chunked":
                 raise BadRequest(501, "only Transfer-Encoding: chunked is implemented")
             head.chunked = True
-        elif lname == b"host":
-            head.host = value
         elif lname == b"connection":
             head.connection_tokens = frozenset(
                 t.strip().lower() for t in value.split(b",") if t.strip()
@@ -192,6 +235,10 @@ class RequestReader:
             head.upgrade = value
         elif lname == b"expect" and value.lower() == b"100-continue":
             head.expect_continue = True
+        elif lname == b"x-forwarded-for":
+            head.xff = head.xff + value + b", "
+        elif lname == b"via":
+            head.via = head.via + value + b", "
 
     def on_headers_complete(self) -> None:
         head = self._pending
@@ -218,84 +265,35 @@ class RequestReader:
 
 
 def build_upstream_head(
-    head: RequestHead, client_ip: str, *, upgrade: bool = False, default_host: bytes = b""
+    head: RequestHead, client_ip: bytes, *, upgrade: bool = False, default_host: bytes = b""
 ) -> bytes:
     """The request head sent upstream: hop-by-hop fields removed (and those the client's
     Connection names), X-Forwarded-* and Via added, Host kept, body framing re-declared."""
-    drop = head.connection_tokens
-    xff = b""
-    lines = [head.method, b" ", head.url, b" HTTP/1.1\r\n"]
-    via = b""
-    for lname, name, value in head.headers:
-        if lname in HOP_BY_HOP or lname in REWRITTEN or lname in drop:
-            if lname == b"via":
-                via = value + b", "
-            continue
-        if lname == b"x-forwarded-for":
-            xff = value + b", "
-            continue
-        lines += (name, b": ", value, b"\r\n")
+    lines = head.lines
+    extra = head.connection_tokens - CONNECTION_PLAIN
+    if extra:
+        lines = drop_named(lines, extra)
     host = head.host
+    out = [head.method, b" ", head.url, b" HTTP/1.1\r\n", *lines]
     if not host:
         # HTTP/1.0 without Host: take the authority of an absolute URL, if any.
         if head.url.startswith(b"http://"):
             host = head.url[7:].split(b"/", 1)[0]
         # HTTP/1.1 requires Host (RFC 9112 §3.2): the upstream's address, as nginx does.
-        lines += (b"Host: ", host or default_host, b"\r\n")
-    lines += (b"X-Forwarded-For: ", xff, client_ip.encode(), b"\r\n")
-    lines.append(b"X-Forwarded-Proto: http\r\n")
+        out += (b"Host: ", host or default_host, b"\r\n")
+    out += (b"X-Forwarded-For: ", head.xff, client_ip, b"\r\nX-Forwarded-Proto: http\r\n")
     if host:
-        lines += (b"X-Forwarded-Host: ", host, b"\r\n")
-    lines += (b"Via: ", via, VIA, b"\r\n")
+        out += (b"X-Forwarded-Host: ", host, b"\r\n")
+    out += (b"Via: ", head.via, VIA, b"\r\n")
     if upgrade:
-        lines += (b"Connection: upgrade\r\nUpgrade: ", head.upgrade or b"", b"\r\n")
+        out += (b"Connection: upgrade\r\nUpgrade: ", head.upgrade or b"", b"\r\n\r\n")
     elif head.chunked:
-        lines.append(b"Transfer-Encoding: chunked\r\n")
+        out.append(b"Transfer-Encoding: chunked\r\n\r\n")
     elif head.content_length is not None:
-        lines += (b"Content-Length: ", str(head.content_length).encode(), b"\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines)
-
-
-def build_response_head(
-    version: str,
-    status: int,
-    reason: bytes,
-    headers: list[tuple[bytes, bytes]],
-    *,
-    content_length: int | None,
-    chunked: bool,
-    keep_alive: bool,
-    client_version: str,
-    upgrade: bytes | None = None,
-    connection_tokens: frozenset[bytes] = frozenset(),
-) -> bytes:
-    """The response head sent downstream. ``chunked`` = the body is sent chunk-encoded."""
-    lines = [b"HTTP/1.1 " if client_version == "1.1" else b"HTTP/1.0 ", str(status).encode()]
-    lines += (b" ", reason, b"\r\n")
-    via = b""
-    for name, value in headers:
-        lname = name.lower()
-        if lname in HOP_BY_HOP or lname == b"content-length" or lname in connection_tokens:
-            continue
-        if lname == b"via":
-            via = value + b", "
-            continue
-        lines += (name, b": ", value, b"\r\n")
-    lines += (b"Via: ", via, version.encode(), b" mesh\r\n")
-    if upgrade is not None:
-        lines += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n\r\n")
-        return b"".join(lines)
-    if content_length is not None:
-        lines += (b"Content-Length: ", str(content_length).encode(), b"\r\n")
-    elif chunked:
-        lines.append(b"Transfer-Encoding: chunked\r\n")
-    if not keep_alive:
-        lines.append(b"Connection: close\r\n")
-    elif client_version == "1.0":
-        lines.append(b"Connection: keep-alive\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines)
+        out += (b"Content-Length: ", b"%d" % head.content_length, b"\r\n\r\n")
+    else:
+        out.append(b"\r\n")
+    return b"".join(out)
 
 
 def error_response(

@@ -88,7 +88,11 @@ class Upstream(asyncio.Protocol):
         "done",
         "status",
         "reason",
-        "resp_headers",
+        "resp_lines",
+        "te_chunked",
+        "conn_tokens",
+        "upgrade_value",
+        "via",
         "started",
         "head_only",
         "discard",
@@ -118,16 +122,23 @@ class Upstream(asyncio.Protocol):
 
     def _reset_exchange(self) -> None:
         self.status = 0
-        self.reason = b""
-        self.resp_headers: list[tuple[bytes, bytes]] = []
+        self._reset_head()
         self.started = False  # a response byte reached the client
         self.head_only = False
         self.discard = False
-        self.content_length: int | None = None
         self.chunked_out = False
         self.keep_alive_out = True
         self.close_delimited = False
         self.first_byte = 0.0
+
+    def _reset_head(self) -> None:
+        self.reason = b""
+        self.resp_lines: list[bytes] = []
+        self.content_length: int | None = None
+        self.te_chunked = False
+        self.conn_tokens: frozenset[bytes] = frozenset()
+        self.upgrade_value = b""
+        self.via = b""
 
     def __repr__(self) -> str:
         return f"<Upstream {self.state.endpoint.key} reusable={self.reusable} busy={self.done is not None}>"
@@ -245,7 +256,7 @@ class Upstream(asyncio.Protocol):
         self.head_only = head.method == b"HEAD"
         upgrade = head.upgrade is not None
         data = http1.build_upstream_head(
-            head, down.client_ip, upgrade=upgrade, default_host=self.state.endpoint.key.encode()
+            head, down.client_ip_bytes, upgrade=upgrade, default_host=self.state.host_header
         )
         chunked = head.chunked
         parts = [data]
@@ -361,14 +372,29 @@ class Upstream(asyncio.Protocol):
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.status == 0:
-            self.resp_headers.append((name, value))
+        # One pass: forwardable fields become head lines now; hop-by-hop and framing
+        # fields are noted and dropped (RFC 9110 §7.6.1).
+        if self.status:
+            return  # a trailer: dropped
+        lname = name.lower()
+        if lname in _RESP_SPECIAL:
+            if lname == b"content-length":
+                self.content_length = int(value) if value.isdigit() else None
+            elif lname == b"transfer-encoding":
+                self.te_chunked = True
+            elif lname == b"connection":
+                self.conn_tokens = frozenset(t.strip().lower() for t in value.split(b","))
+            elif lname == b"upgrade":
+                self.upgrade_value = value
+            elif lname == b"via":
+                self.via = value + b", "
+            return
+        self.resp_lines += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
-            self.resp_headers = []  # 100 Continue, 103 Early Hints: not forwarded
-            self.reason = b""
+            self._reset_head()  # 100 Continue, 103 Early Hints: not forwarded
             return
         self.status = status
         if self.discard and status in RETRY_STATUSES:
@@ -378,22 +404,11 @@ class Upstream(asyncio.Protocol):
         if down is None or down.transport is None or down.transport.is_closing():
             self.discard = True  # nobody to send it to: read it to the end and drop it
             return
-        cl = None
-        te_chunked = False
-        conn_tokens: frozenset[bytes] = frozenset()
-        for name, value in self.resp_headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                cl = int(value) if value.isdigit() else None
-            elif lname == b"transfer-encoding":
-                te_chunked = True
-            elif lname == b"connection":
-                conn_tokens = frozenset(t.strip().lower() for t in value.split(b","))
-        no_body = self.head_only or status in (204, 304) or self.req.head.upgrade and status == 101
-        if te_chunked:
-            cl = None
-        client_version = self.req.head.version
-        keep = down.keep_alive and self.req.head.keep_alive and not down.server.draining
+        req_head = self.req.head
+        cl = None if self.te_chunked else self.content_length
+        no_body = self.head_only or status == 204 or status == 304 or status == 101
+        client_version = req_head.version
+        keep = down.keep_alive and req_head.keep_alive and not down.server.draining
         if no_body or cl is not None:
             chunked_out = False
         elif client_version == "1.1":
@@ -401,34 +416,48 @@ class Upstream(asyncio.Protocol):
         else:
             chunked_out = False
             keep = False  # HTTP/1.0 client, unknown length: the close ends the body
-        self.close_delimited = cl is None and not te_chunked and not no_body
+        self.close_delimited = cl is None and not self.te_chunked and not no_body
         self.chunked_out = chunked_out
         self.keep_alive_out = keep
-        upgrade = None
-        if status == 101:
-            upgrade = dict((n.lower(), v) for n, v in self.resp_headers).get(b"upgrade", b"")
-        head = http1.build_response_head(
-            self.parser.get_http_version(),
-            status,
+        lines = self.resp_lines
+        extra = self.conn_tokens - http1.CONNECTION_PLAIN
+        if extra:
+            lines = http1.drop_named(lines, extra)
+        head = [
+            b"HTTP/1.1 " if client_version == "1.1" else b"HTTP/1.0 ",
+            b"%d " % status,
             self.reason or http1.REASONS.get(status, b""),
-            self.resp_headers,
-            content_length=cl,
-            chunked=chunked_out,
-            keep_alive=keep,
-            client_version=client_version,
-            upgrade=upgrade,
-            connection_tokens=conn_tokens,
-        )
+            b"\r\n",
+            *lines,
+            b"Via: ",
+            self.via,
+            b"1.1 mesh\r\n" if self.parser.get_http_version() == "1.1" else b"1.0 mesh\r\n",
+        ]
+        if status == 101:
+            head += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade_value, b"\r\n")
+        else:
+            if cl is not None:
+                head += (b"Content-Length: ", b"%d" % cl, b"\r\n")
+            elif chunked_out:
+                head.append(b"Transfer-Encoding: chunked\r\n")
+            if not keep:
+                head.append(b"Connection: close\r\n")
+            elif client_version == "1.0":
+                head.append(b"Connection: keep-alive\r\n")
+        head.append(b"\r\n")
         self.started = True
-        self._emit(head)
+        self.out.append(b"".join(head))
         if self.head_only:
             raise _StopBody
 
     def on_body(self, data: bytes) -> None:
         if self.discard:
             return
+        out = self.out
         if self.chunked_out:
-            self._emit(b"%x\r\n%s\r\n" % (len(data), data))
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        if out is not None:
+            out.append(data)
         else:
             self._emit(data)
 
@@ -436,6 +465,9 @@ class Upstream(asyncio.Protocol):
         if self.status == 0 or self.status == 101:
             return  # the end of a 1xx; a 101 goes on as a tunnel (HttpParserUpgrade)
         self._complete()
+
+
+_RESP_SPECIAL = http1.HOP_BY_HOP | {b"content-length", b"via"}
 
 
 # Downstream connection
@@ -455,7 +487,8 @@ class Downstream(asyncio.Protocol):
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
-        self.reader = http1.RequestReader(self)
+        self.client_ip_bytes = b""
+        self.reader = http1.RequestReader(self, server.wanted_headers)
         self.queue: deque[Request] = deque()
         self.current: Request | None = None
         self.keep_alive = True
@@ -482,6 +515,7 @@ class Downstream(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
+        self.client_ip_bytes = self.client_ip.encode()
         self.server.connection_opened(self)
         self._arm_idle()
 
@@ -667,7 +701,7 @@ class Downstream(asyncio.Protocol):
             found = None
             if cfg.hash_on:
                 found = extract(
-                    cfg.hash_on, headers=head.lower_pairs(), url=head.url, client_ip=self.client_ip
+                    cfg.hash_on, headers=head.picked, url=head.url, client_ip=self.client_ip
                 )
             if found is not None:
                 key_hash = hash_key(found[1])

@@ -65,6 +65,15 @@ class Server:
             else None
         )
         self.idle_timeout = idle_timeout
+        # Request fields the parser keeps for hash keys (every cluster's header sources).
+        wanted = set()
+        for c in self.clusters:
+            for src in c.config.hash_on:
+                if src.kind == "header":
+                    wanted.add(src.name)
+                elif src.kind == "cookie":
+                    wanted.add(b"cookie")
+        self.wanted_headers = frozenset(wanted)
         self.connections: set[Downstream] = set()
         self.stats = ServerStats()
         self.draining = False
