@@ -19,10 +19,11 @@ HASHED = ("maglev", "ring_hash")
 MAX_TRIES_LISTED = 8  # candidates computed per request: 1 + retries, capped
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pick:
     """Endpoint indexes to try, in order; whether the first is not the key's home (spill);
-    whether the pick ignored health (panic)."""
+    whether the pick ignored health (panic). Not frozen: one is made per request, and a
+    frozen dataclass costs several times more to build."""
 
     order: tuple[int, ...]
     spilled: bool = False
