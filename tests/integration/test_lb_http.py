@@ -256,3 +256,42 @@ async def test_misbehaving_backend_garbage_is_502():
 
 def test_backend_helper_is_importable():
     assert Backend("x").key == "127.0.0.1:0"
+
+
+async def test_response_hop_by_hop_and_connection_named_fields_removed():
+    async def handler(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nX-Private: p\r\nConnection: X-Private\r\nKeep-Alive: timeout=5\r\n"
+            b"Content-Length: 2\r\nX-Kept: k\r\n\r\nok"
+        )
+        await writer.drain()
+        await reader.read()  # until the LB closes its pooled connection
+        writer.close()
+
+    srv = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    async with lb_in_process([Endpoint("127.0.0.1", port)]) as lb:
+        rc, out, _ = await curl("-i", lb.url + "/")
+        head = out.partition("\r\n\r\n")[0].lower()
+        assert "x-kept: k" in head and "via: 1.1 mesh" in head
+        assert "x-private" not in head and "keep-alive" not in head
+    srv.close()
+    await srv.wait_closed()
+
+
+async def test_per_try_timeout_retries_next_endpoint():
+    async with backends(2) as bs, lb_in_process(bs, per_try_timeout=0.3, retries=1) as lb:
+        key = None
+        view = lb.cluster.view
+        from lb.ring import hash_key
+
+        for i in range(1000):
+            if view.endpoints[view.table.lookup(hash_key(f"k{i}".encode()))].key == bs[0].key:
+                key = f"k{i}"
+                break
+        bs[0].delay = 3.0
+        async with aiohttp.ClientSession() as s, s.get(lb.url + "/", headers={"X-User": key}) as r:
+            assert r.status == 200
+            assert (await r.json())["backend"] == "b1"
+        assert lb.cluster.stats.retries == 1

@@ -261,3 +261,38 @@ async def test_bad_flags_one_line_exit_2(args, needle):
     assert proc.returncode == 2
     lines = err.decode().strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], lines
+
+
+def _rss_peak_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+async def test_big_upload_and_download_keep_memory_flat():
+    """1 GiB up and 1 GiB down through the LB (one request): its peak memory barely moves."""
+    size = 1024 * 1024 * 1024
+    async with backends(1) as bs, LBProcess("--endpoints", _eps(bs)) as lb:
+        async with aiohttp.ClientSession() as s, s.get(lb.url + "/warm") as r:
+            await r.read()
+        before = _rss_peak_kib(lb.proc.pid)
+
+        async def gen():
+            block = b"u" * 65536
+            for _ in range(size // 65536):
+                yield block
+
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(lb.url + f"/stream/{size}", data=gen()) as r,
+        ):
+            assert r.headers["X-Body-Len"] == str(size)
+            n = 0
+            async for chunk in r.content.iter_any():
+                n += len(chunk)
+        assert n == size
+        grew_mib = (_rss_peak_kib(lb.proc.pid) - before) / 1024
+        print(f"peak RSS grew {grew_mib:.1f} MiB")
+        assert grew_mib < 32, f"peak RSS grew {grew_mib:.0f} MiB"

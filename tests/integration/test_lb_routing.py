@@ -104,9 +104,9 @@ async def test_killed_backend_under_load_no_failed_gets():
             await procs[1].kill()
             await asyncio.gather(*clients)
             assert len(results) == 1500
-            assert Counter(s for s, _ in results) == Counter({200: 1500}), [vars(lb.cluster.stats)] + [
-                r for r in results if r[0] != 200
-            ][:5]
+            assert Counter(s for s, _ in results) == Counter({200: 1500}), [
+                vars(lb.cluster.stats)
+            ] + [r for r in results if r[0] != 200][:5]
             assert lb.cluster.detector.is_ejected(procs[1].key)
     finally:
         for p in procs:
