@@ -20,6 +20,7 @@ Names and records follow DESIGN.md §4; only ``passing`` instances are served.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ MAX_LABEL = 63  # RFC 1035 §2.3.4; 0b01/0b10/0b11 prefixes are pointers or obso
 CLASSIC_UDP_LIMIT = 512  # RFC 1035 §4.2.1, for a query without EDNS0
 MAX_UDP_PAYLOAD = 1232  # DNS Flag Day 2020 and BIND 9.16+: no IP fragmentation on any path
 MAX_TCP_MESSAGE = 65535  # the two-byte length prefix (RFC 1035 §4.2.2)
+MAX_ROTATIONS = 16  # orders rendered per address reply; more would only cost build time
 SRV_PRIORITY = 1  # one priority for every instance: the weight spreads the load (RFC 2782)
 SOA_REFRESH, SOA_RETRY, SOA_EXPIRE = 3600, 600, 86400  # the values Consul's SOA carries
 
@@ -77,7 +79,7 @@ class Query:
 class Entry:
     """One rendered reply: the bytes after the question, and where each record ends."""
 
-    __slots__ = ("rcode", "counts", "rest", "cuts", "full_an", "full_ns")
+    __slots__ = ("rcode", "counts", "rest", "cuts", "full_an", "full_ns", "rotations")
 
     def __init__(
         self, rcode: int, rest: bytes, cuts: list[tuple[int, int, int, int]], counts: tuple
@@ -88,6 +90,8 @@ class Entry:
         self.cuts = cuts
         self.counts = counts  # (an, ns, ar) of the whole reply
         self.full_an, self.full_ns = counts[0], counts[1]
+        # The same reply with its records in other orders (A/AAAA): same length, same cuts.
+        self.rotations: tuple[bytes, ...] = (rest,)
 
     def __repr__(self) -> str:
         an, ns, ar = self.counts
@@ -170,8 +174,11 @@ class Answers:
         nxdomain: Entry,
         zone_wire: bytes,
         revision: int,
+        *,
+        services: dict[str, _Rendered] | None = None,
     ) -> None:
         self.config = config
+        self.services = services or {}
         self._entries = entries
         self._names = names  # existing name (lower wire) -> its NODATA reply
         self._nxdomain = nxdomain
@@ -203,7 +210,7 @@ class Answers:
                 arcount = data[10:12]
                 if arcount == b"\x00\x00":
                     if not udp or end + fast[1] <= CLASSIC_UDP_LIMIT:
-                        return data[:2] + fast[2 + (data[2] & 1)] + data[12:end] + fast[0]
+                        return data[:2] + fast[2 + (data[2] & 1)] + data[12:end] + fast[0]()
                 elif (
                     arcount == b"\x00\x01"
                     and data[end : end + 3] == b"\x00\x00\x29"
@@ -215,7 +222,7 @@ class Answers:
                         limit = min(max((data[end + 3] << 8) | data[end + 4], 512), MAX_UDP_PAYLOAD)
                     if end + fast[1] + OPT_SIZE <= limit:
                         opt = _OPT_DO if data[end + 7] & DO_BIT else _OPT_PLAIN
-                        return data[:2] + fast[4 + (data[2] & 1)] + data[12:end] + fast[0] + opt
+                        return data[:2] + fast[4 + (data[2] & 1)] + data[12:end] + fast[0]() + opt
         return self._answer(data, udp)
 
     def _answer(self, data: bytes, udp: bool) -> bytes | str | None:
@@ -274,15 +281,16 @@ class Answers:
         return q.qid + struct.pack("!HHHHH", flags, 1, 0, 0, 1) + q.question + opt
 
 
-def _fast_entry(entry: Entry, ra: int) -> tuple[bytes, int, bytes, bytes, bytes, bytes]:
-    """(rest, len(rest), then flags + counts for RD=0, RD=1, RD=0 with OPT, RD=1 with OPT)."""
+def _fast_entry(entry: Entry, ra: int) -> tuple:
+    """(next rest, len(rest), then flags + counts for RD=0, RD=1, RD=0 with OPT, RD=1 with
+    OPT). ``next rest`` is the ``__next__`` of a cycle over the rotations: one C call."""
     an, ns, ar = entry.counts
     heads = []
     for opt in (0, 1):
         for rd in (0, RD):
             flags = QR | AA | ra | rd | entry.rcode
             heads.append(struct.pack("!HHHHH", flags, 1, an, ns, ar + opt))
-    return (entry.rest, len(entry.rest), *heads)
+    return (itertools.cycle(entry.rotations).__next__, len(entry.rest), *heads)
 
 
 def _cut(entry: Entry, room: int) -> tuple[bytes, int, int, int]:
@@ -436,69 +444,116 @@ def _instance_target(inst: Instance, zone: dns.name.Name) -> dns.name.Name | Non
         return None  # too long a name for this domain: it gets no records
 
 
-def build(snapshot: Snapshot, config: ZoneConfig) -> Answers:
-    """Render every reply the zone gives for ``snapshot``; pure, deterministic."""
+def build(snapshot: Snapshot, config: ZoneConfig, previous: Answers | None = None) -> Answers:
+    """Render every reply the zone gives for ``snapshot``; pure, deterministic.
+
+    With ``previous`` (the table being replaced), services whose healthy instances did not
+    change keep their rendered replies: a registry of many services costs one service's
+    rendering per change, not the whole zone's.
+    """
     zone = _name(config.domain)
     ttl = config.ttl
-    nodes: dict[dns.name.Name, _Node] = {}
-
-    def node(name: dns.name.Name) -> _Node:
-        if name not in nodes:
-            nodes[name] = _Node({}, {}, [])
-        return nodes[name]
-
-    for service, instances in sorted(snapshot.services().items()):
-        healthy = [i for i in instances if i.healthy]
-        svc = dns.name.Name((service, "service")).concatenate(zone)
-        rfc2782 = (
-            dns.name.Name((f"_{service}", "_tcp", "service")).concatenate(zone),
-            dns.name.Name((f"_{service}", "_tcp")).concatenate(zone),
-        )
-        for inst in healthy:
-            target = _instance_target(inst, zone)
-            if target is None:
-                continue
-            owners = [svc, *rfc2782]
-            for tag in inst.tags:
-                owners.append(dns.name.Name((tag,)).concatenate(svc))
-                if tag != "tcp":  # `_<svc>._tcp` means every instance (RFC 2782 / Consul)
-                    owners.append(
-                        dns.name.Name((f"_{service}", f"_{tag}", "service")).concatenate(zone)
-                    )
-            for owner in [*owners, target]:
-                n = node(owner)
-                (n.v6 if inst.ipv6 else n.v4)[inst.address] = None
-                if owner != target:
-                    n.srv.append(inst)
-        # A service with no healthy instance answers like a name that does not exist.
-
+    reuse = previous.services if previous is not None and previous.config == config else {}
     soa = _soa(zone, snapshot.revision, ttl)
-    entries: dict[bytes, Entry] = {}
-    names: dict[bytes, Entry] = {}
-    nodata = _render(
-        zone, TYPE_A, authority=[soa], compress=False
-    )  # the same bytes after any question
-    for name in [zone, *nodes]:
-        for ancestor in _ancestors(name, zone):
-            names[ancestor.canonicalize().to_wire()] = nodata
-    entries[_wire_key(zone, TYPE_SOA)] = _render(zone, TYPE_SOA, answer=[soa])
-    for name, n in nodes.items():
-        has_srv = bool(n.srv)
-        a_rrset = _address_rrset(name, n.v4, ttl, v6=False) if n.v4 else None
-        aaaa_rrset = _address_rrset(name, n.v6, ttl, v6=True) if n.v6 else None
-        is_srv_name = name.labels[0].startswith(b"_")
-        if not is_srv_name:
-            if a_rrset is not None:
-                entries[_wire_key(name, TYPE_A)] = _render(name, TYPE_A, answer=[a_rrset])
-            if aaaa_rrset is not None:
-                entries[_wire_key(name, TYPE_AAAA)] = _render(name, TYPE_AAAA, answer=[aaaa_rrset])
-        if has_srv:
-            entries[_wire_key(name, TYPE_SRV)] = _srv_entry(name, n.srv, zone, ttl)
-        entries[_wire_key(name, TYPE_ANY)] = _render(name, TYPE_ANY, answer=[_rfc8482(name, ttl)])
+    nodata = _render(zone, TYPE_A, authority=[soa], compress=False)  # follows any question
+    entries: dict[bytes, Entry] = {_wire_key(zone, TYPE_SOA): _render(zone, TYPE_SOA, answer=[soa])}
+    names: dict[bytes, Entry] = {zone.canonicalize().to_wire(): nodata}
+    services: dict[str, _Rendered] = {}
+    for service, instances in sorted(snapshot.services().items()):
+        healthy = tuple(i for i in instances if i.healthy)
+        if not healthy:
+            continue  # no healthy instance: answered like a name that does not exist
+        key = tuple(i.visible_key() for i in healthy)
+        rendered = reuse.get(service)
+        if rendered is None or rendered.key != key:
+            rendered = _render_service(service, healthy, zone, ttl, key)
+        services[service] = rendered
+        entries.update(rendered.entries)
+        names.update(dict.fromkeys(rendered.names, nodata))
     nxdomain = _render(zone, TYPE_A, rcode=NXDOMAIN, authority=[soa], compress=False)
     return Answers(
-        config, entries, names, nxdomain, zone.canonicalize().to_wire(), snapshot.revision
+        config,
+        entries,
+        names,
+        nxdomain,
+        zone.canonicalize().to_wire(),
+        snapshot.revision,
+        services=services,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Rendered:
+    """One service's replies, kept for the next build while its instances stay the same."""
+
+    key: tuple
+    entries: dict[bytes, Entry]
+    names: tuple[bytes, ...]  # every name the service makes exist, and their parents
+
+
+def _render_service(
+    service: str, healthy: tuple[Instance, ...], zone: dns.name.Name, ttl: int, key: tuple
+) -> _Rendered:
+    nodes: dict[dns.name.Name, _Node] = {}
+    svc = dns.name.Name((service, "service")).concatenate(zone)
+    rfc2782 = (
+        dns.name.Name((f"_{service}", "_tcp", "service")).concatenate(zone),
+        dns.name.Name((f"_{service}", "_tcp")).concatenate(zone),
+    )
+    for inst in healthy:
+        target = _instance_target(inst, zone)
+        if target is None:
+            continue
+        owners = [svc, *rfc2782]
+        for tag in inst.tags:
+            owners.append(dns.name.Name((tag,)).concatenate(svc))
+            if tag != "tcp":  # `_<svc>._tcp` means every instance (RFC 2782 / Consul)
+                owners.append(
+                    dns.name.Name((f"_{service}", f"_{tag}", "service")).concatenate(zone)
+                )
+        for owner in [*owners, target]:
+            n = nodes.setdefault(owner, _Node({}, {}, []))
+            (n.v6 if inst.ipv6 else n.v4)[inst.address] = None
+            if owner != target:
+                n.srv.append(inst)
+    entries: dict[bytes, Entry] = {}
+    names: dict[bytes, None] = {}
+    for name, n in nodes.items():
+        for ancestor in _ancestors(name, zone):
+            names[ancestor.canonicalize().to_wire()] = None
+        if not name.labels[0].startswith(b"_"):  # SRV names carry SRV only
+            if n.v4:
+                a = _address_rrset(name, n.v4, ttl, v6=False)
+                entries[_wire_key(name, TYPE_A)] = _rotating(name, TYPE_A, a)
+            if n.v6:
+                aaaa = _address_rrset(name, n.v6, ttl, v6=True)
+                entries[_wire_key(name, TYPE_AAAA)] = _rotating(name, TYPE_AAAA, aaaa)
+        if n.srv:
+            entries[_wire_key(name, TYPE_SRV)] = _srv_entry(name, n.srv, zone, ttl)
+        entries[_wire_key(name, TYPE_ANY)] = _render(name, TYPE_ANY, answer=[_rfc8482(name, ttl)])
+    return _Rendered(key, entries, tuple(names))
+
+
+def _rotating(name: dns.name.Name, qtype: int, rrset: dns.rrset.RRset) -> Entry:
+    """An address reply that starts with a different record from one query to the next,
+    as Consul, CoreDNS's loadbalance and Docker do: stub resolvers mostly take the first.
+
+    The orders are cut from the one rendering: every record's owner is a pointer to the
+    question, so the records are equal-sized and point at nothing inside the answer.
+    """
+    entry = _render(name, qtype, answer=[rrset])
+    n = entry.counts[0]
+    size = len(entry.rest) // n if n else 0
+    if n < 2 or entry.counts[1:] != (0, 0) or size * n != len(entry.rest):
+        return entry
+    if [cut[0] for cut in entry.cuts] != [i * size for i in range(n + 1)]:
+        return entry
+    k = min(n, MAX_ROTATIONS)
+    rest = entry.rest
+    entry.rotations = tuple(
+        rest[(step * n // k) * size :] + rest[: (step * n // k) * size] for step in range(k)
+    )
+    return entry
 
 
 def _ancestors(name: dns.name.Name, zone: dns.name.Name) -> Iterable[dns.name.Name]:

@@ -243,7 +243,7 @@ class DnsServer:
         while self._pending is not None:
             snapshot, self._pending = self._pending, None
             try:
-                answers = await asyncio.to_thread(build, snapshot, self.config)
+                answers = await asyncio.to_thread(build, snapshot, self.config, self.answers)
             except Exception:
                 log.exception("dns: could not render revision %s", snapshot.revision)
                 continue

@@ -161,8 +161,8 @@ async def test_registry_outage_keeps_dns_and_reregisters_after(tmp_path):
             for _ in range(30):
                 assert await has_address(car.dns, "a.web.service.mesh.", "127.0.0.1")
                 await asyncio.sleep(0.1)
-            await asyncio.to_thread(db.start)
             assert car.agent.lifecycle.registrations == 1
+            await asyncio.to_thread(db.start)
             checker = RegistryStore.from_url(url)
             try:
 
