@@ -755,7 +755,7 @@ class Downstream(asyncio.Protocol):
             return
         self._x = None
         try:
-            outcome = self._settle(x, outcome)
+            outcome = x.outcome = self._settle(x, outcome)
             up = x.up
             self.upstream = None
             if outcome is Outcome.OK or self.closed or (up is not None and up.started):
@@ -858,15 +858,14 @@ class Downstream(asyncio.Protocol):
         req = x.req
         up = state.take_idle(t0, cfg.pool_idle_expiry) if req.head.upgrade is None else None
         if up is None:
-            state.active += 1
-            state.requests += 1
+            state.active += 1  # a connect in progress counts as load (least_request)
             try:
                 up = await self._connect(state, cfg.connect_timeout, x.deadline - t0)
             except (TimeoutError, OSError):
+                state.requests += 1
                 return self._record(x.cluster, state, Outcome.CONNECT_FAILED, t0)
             finally:
                 state.active -= 1
-                state.requests -= 1  # counted again by _begin
             if self.closed:
                 up.close()
                 return Outcome.RESET
@@ -946,6 +945,8 @@ class Downstream(asyncio.Protocol):
             if up.status >= 500:
                 state.responses_5xx += 1
         if outcome is not Outcome.OK:
+            if self.closed and outcome is Outcome.RESET:
+                return outcome  # the client left and we cut the upstream: not its fault
             state.failures += 1
         cluster.record(state, outcome, now, latency)
         return outcome

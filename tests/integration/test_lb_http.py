@@ -295,3 +295,50 @@ async def test_per_try_timeout_retries_next_endpoint():
             assert r.status == 200
             assert (await r.json())["backend"] == "b1"
         assert lb.cluster.stats.retries == 1
+
+
+async def test_client_idle_timeout_and_upstream_pool_expiry():
+    async with backends(1) as bs, lb_in_process(bs, idle_timeout=0.3, pool_idle_expiry=1.0) as lb:
+        reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+        writer.write(b"GET /i HTTP/1.1\r\nHost: a\r\n\r\n")
+        status, _, _ = await read_response(reader)
+        assert status == 200
+        state = lb.cluster.view.states[0]
+        assert len(state.idle) == 1
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""  # the LB closed the idle client connection
+        writer.close()
+        await writer.wait_closed()
+        async with asyncio.timeout(5):  # the idle upstream connection expires
+            while state.idle or state.connections:
+                await asyncio.sleep(0.05)
+
+
+async def test_client_leaving_mid_request_does_not_count_against_the_endpoint():
+    async with backends(2) as bs, lb_in_process(bs, request_timeout=10) as lb:
+        for b in bs:
+            b.delay = 1.0
+        for _ in range(4):
+            reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+            writer.write(b"GET /gone HTTP/1.1\r\nHost: a\r\nX-User: x\r\n\r\n")
+            await writer.drain()
+            async with asyncio.timeout(5):
+                while not any(b.seen for b in bs):
+                    await asyncio.sleep(0.01)
+            writer.close()
+            await writer.wait_closed()
+            for b in bs:
+                b.seen.clear()
+        await asyncio.sleep(0.1)
+        assert not any(lb.cluster.detector.is_ejected(b.key) for b in bs)
+        assert all(st.failures == 0 for st in lb.cluster.view.states)
+
+
+async def test_post_timeout_is_not_retried():
+    async with backends(2) as bs, lb_in_process(bs, per_try_timeout=0.3, retries=2) as lb:
+        for b in bs:
+            b.delay = 2.0
+        rc, out, _ = await curl("-i", "-d", "once", lb.url + "/pay")
+        assert out.startswith("HTTP/1.1 504"), out
+        assert sum(len(b.seen) for b in bs) == 1
+        assert lb.cluster.stats.retries == 0
