@@ -44,7 +44,7 @@ MAX_LABEL = 63  # RFC 1035 §2.3.4; 0b01/0b10/0b11 prefixes are pointers or obso
 CLASSIC_UDP_LIMIT = 512  # RFC 1035 §4.2.1, for a query without EDNS0
 MAX_UDP_PAYLOAD = 1232  # DNS Flag Day 2020 and BIND 9.16+: no IP fragmentation on any path
 MAX_TCP_MESSAGE = 65535  # the two-byte length prefix (RFC 1035 §4.2.2)
-MAX_ROTATIONS = 16  # orders rendered per address reply; more would only cost build time
+MAX_ROTATIONS = 16  # orders kept per reply (memory: 16 × the reply)
 SRV_PRIORITY = 1  # one priority for every instance: the weight spreads the load (RFC 2782)
 SOA_REFRESH, SOA_RETRY, SOA_EXPIRE = 3600, 600, 86400  # the values Consul's SOA carries
 
@@ -535,23 +535,29 @@ def _render_service(
 
 
 def _rotating(name: dns.name.Name, qtype: int, rrset: dns.rrset.RRset) -> Entry:
-    """An address reply that starts with a different record from one query to the next,
-    as Consul, CoreDNS's loadbalance and Docker do: stub resolvers mostly take the first.
+    return _rotate(_render(name, qtype, answer=[rrset]))
 
-    The orders are cut from the one rendering: every record's owner is a pointer to the
-    question, so the records are equal-sized and point at nothing inside the answer.
+
+def _rotate(entry: Entry) -> Entry:
+    """Give ``entry`` other orders of its answer records, cut from the one rendering.
+
+    Stub resolvers mostly take the first address, and clients that skip RFC 2782's
+    weighted pick the first SRV record; so the first record changes from one reply to the
+    next, as with Consul, CoreDNS's loadbalance and dnsmasq. Reordering the bytes is valid
+    here: every answer owner is a pointer to the question, and SRV targets are written
+    uncompressed and never become compression targets (RFC 2782), so no later record
+    points into the answer section.
     """
-    entry = _render(name, qtype, answer=[rrset])
-    n = entry.counts[0]
-    size = len(entry.rest) // n if n else 0
-    if n < 2 or entry.counts[1:] != (0, 0) or size * n != len(entry.rest):
+    an = entry.counts[0]
+    if an < 2:
         return entry
-    if [cut[0] for cut in entry.cuts] != [i * size for i in range(n + 1)]:
-        return entry
-    k = min(n, MAX_ROTATIONS)
-    rest = entry.rest
+    offsets = [cut[0] for cut in entry.cuts[: an + 1]]
+    chunks = [entry.rest[a:b] for a, b in zip(offsets, offsets[1:], strict=False)]
+    tail = entry.rest[offsets[-1] :]
+    k = min(an, MAX_ROTATIONS)
     entry.rotations = tuple(
-        rest[(step * n // k) * size :] + rest[: (step * n // k) * size] for step in range(k)
+        b"".join(chunks[start:] + chunks[:start]) + tail
+        for start in (step * an // k for step in range(k))
     )
     return entry
 
@@ -586,7 +592,7 @@ def _srv_entry(
         if target not in seen:
             seen.add(target)
             extra.append(_address_rrset(target, [inst.address], ttl, v6=inst.ipv6))
-    return _render(name, TYPE_SRV, answer=[srv], additional=extra)
+    return _rotate(_render(name, TYPE_SRV, answer=[srv], additional=extra))
 
 
 def _soa(zone: dns.name.Name, revision: int, ttl: int) -> dns.rrset.RRset:

@@ -407,3 +407,14 @@ def test_rebuild_from_the_previous_table_equals_a_fresh_build():
                 )
     assert ask("i0.s0.service.mesh.", answers=incremental).rcode() == dns.rcode.NXDOMAIN
     assert ask("nope.mesh.", answers=incremental).authority[0][0].serial == 2
+
+
+def test_srv_replies_rotate_and_stay_well_formed():
+    firsts = set()
+    full = ask("_web._tcp.service.mesh.", "SRV", answers=BIG, udp=False)
+    for _ in range(20):
+        reply = ask("_web._tcp.service.mesh.", "SRV", answers=BIG, udp=False)
+        assert rdatas(reply, dns.rdatatype.SRV) == rdatas(full, dns.rdatatype.SRV)
+        assert additional(reply) == additional(full)
+        firsts.add(reply.answer[0][0].target.to_text())
+    assert len(firsts) == 16
