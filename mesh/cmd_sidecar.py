@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import logging
 import os
 import re
 import socket
@@ -27,6 +28,7 @@ from sidecar.dns_server import DnsServer, resolv_conf_upstream
 from sidecar.probe import Check, Kind
 
 EXIT_USAGE = 2
+log = logging.getLogger("sidecar")
 
 
 def _label(what: str):
@@ -163,6 +165,10 @@ async def _main(
                 f"mesh sidecar: error: --dns-listen {where}: {exc.strerror or exc}", file=sys.stderr
             )
             return EXIT_USAGE
+        if upstream is None:
+            log.info("names outside %s. are refused (no upstream)", zone.domain)
+        else:
+            log.info("names outside %s. go to upstream=%s", zone.domain, format_host_port(upstream))
         agent = Agent(store, config, dns=server)
         code = await agent.run()
         if code == EXIT_ABORTED:
