@@ -253,6 +253,11 @@ class Cluster:
                 return None
             usable = [True] * len(usable)
             self.stats.panic_picks += 1
+        if self.hashed and key_hash is not None and not self.needs_active and not self.panic:
+            # The common case, without the general picker: the key's home, if usable.
+            home = view.table.lookup(key_hash)
+            if home >= 0 and usable[home]:
+                return view, Pick((home,), key_hash=key_hash, partial=tries > 1)
         active = [s.active for s in view.states] if self.needs_active else self._zeros
         pick = self.picker.pick(view.table, key_hash, usable, active, tries=tries)
         if not pick.order:

@@ -258,6 +258,9 @@ class Upstream(asyncio.Protocol):
         data = http1.build_upstream_head(
             head, down.client_ip_bytes, upgrade=upgrade, default_host=self.state.host_header
         )
+        if req.ended and not req.body and not req.replay and not upgrade:
+            self.transport.write(data)  # no body, or none left to send: the common case
+            return
         chunked = head.chunked
         parts = [data]
         for piece in req.replay:
@@ -919,8 +922,9 @@ class Downstream(asyncio.Protocol):
             self.close()
             self.server.connection_finished(self)
             return
-        self.upstream_full = self.buffer_full = False
-        self.apply_flow()
+        if self.upstream_full or self.buffer_full or self.reading_paused:
+            self.upstream_full = self.buffer_full = False
+            self.apply_flow()
         self.idle_since = self.loop.time()
         if self.queue:
             self._next()
