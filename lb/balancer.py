@@ -58,6 +58,7 @@ class Picker:
         self.balance_factor = balance_factor
         self._rng = rng or random.Random()
         self._rr = 0
+        self._current: list[float] = []  # smooth weighted round robin state (nginx's)
 
     def pick(
         self,
@@ -67,8 +68,12 @@ class Picker:
         active: Sequence[int],
         *,
         tries: int,
+        weights: Sequence[int] | None = None,
     ) -> Pick:
-        """The order to try endpoints in. ``key_hash`` None = no key: a random home."""
+        """The order to try endpoints in. ``key_hash`` None = no key: a random home.
+
+        ``weights`` (None when all are equal) steer round robin (smooth weighted round
+        robin, as nginx), least request (active / weight, as Envoy) and random."""
         n = len(usable)
         if n == 0:
             return Pick(())
@@ -80,18 +85,45 @@ class Picker:
         if self.policy in HASHED and table is not None:
             return self._hashed(table, key_hash, usable, active, tries, panic)
         if self.policy == "round_robin":
-            start = self._rr % n
-            self._rr += 1
-            order = [(start + i) % n for i in range(n)]
+            first = self._smooth_wrr(weights, usable) if weights else None
+            if first is None:
+                first = self._rr % n
+                self._rr += 1
+            order = [(first + i) % n for i in range(n)]
         elif self.policy == "least_request":
             # Power of two choices (Envoy's LEAST_REQUEST default, choice_count 2).
             a, b = self._rng.randrange(n), self._rng.randrange(n)
-            first = a if active[a] <= active[b] else b
+            if weights:
+                first = a if active[a] * weights[b] <= active[b] * weights[a] else b
+            else:
+                first = a if active[a] <= active[b] else b
             order = [first] + [i for i in range(n) if i != first]
         else:
-            first = self._rng.randrange(n)
+            if weights:
+                first = self._rng.choices(range(n), weights=weights)[0]
+            else:
+                first = self._rng.randrange(n)
             order = [(first + i) % n for i in range(n)]
         return Pick(tuple([i for i in order if usable[i]][:tries]), panic=panic)
+
+    def _smooth_wrr(self, weights: Sequence[int], usable: Sequence[bool]) -> int | None:
+        """nginx's smooth weighted round robin over the usable endpoints."""
+        n = len(weights)
+        if len(self._current) != n:
+            self._current = [0.0] * n
+        cur = self._current
+        total = 0
+        best = None
+        for i in range(n):
+            if not usable[i]:
+                continue
+            cur[i] += weights[i]
+            total += weights[i]
+            if best is None or cur[i] > cur[best]:
+                best = i
+        if best is not None:
+            cur[best] -= total
+        return best
 
     def _hashed(
         self,

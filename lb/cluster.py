@@ -163,6 +163,7 @@ class Cluster:
         self.needs_active = config.policy == "least_request" or bool(config.balance_factor)
         self._states: dict[str, EndpointState] = {}
         self._zeros: list[int] = []
+        self._weights: list[int] | None = None
         self._generation = 0
         self.ready = asyncio.Event()
 
@@ -205,6 +206,8 @@ class Cluster:
         self._states = states
         self.view = View(endpoints, table, [states[k] for k in endpoints.keys])
         self._zeros = [0] * len(endpoints)
+        weights = [e.weight for e in endpoints]
+        self._weights = weights if len(set(weights)) > 1 else None
         self.detector.set_endpoints(endpoints.keys)
         if self.health:
             self.health.set_endpoints(endpoints.keys, time.monotonic())
@@ -259,7 +262,9 @@ class Cluster:
             if home >= 0 and usable[home]:
                 return view, Pick((home,), key_hash=key_hash, partial=tries > 1)
         active = [s.active for s in view.states] if self.needs_active else self._zeros
-        pick = self.picker.pick(view.table, key_hash, usable, active, tries=tries)
+        pick = self.picker.pick(
+            view.table, key_hash, usable, active, tries=tries, weights=self._weights
+        )
         if not pick.order:
             return None
         if pick.spilled:

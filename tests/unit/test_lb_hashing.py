@@ -108,3 +108,24 @@ def test_panic_threshold():
     assert not panic_state([False, False], 0)
     pick = Picker("maglev").pick(TABLE, 1, [False] * 5, [0] * 5, tries=2)
     assert pick.panic and pick.order == (TABLE.lookup(1),)
+
+
+def test_weights_steer_round_robin_random_and_least_request():
+    w = [100, 300, 100]
+    rr = Picker("round_robin")
+    firsts = [
+        rr.pick(None, None, [True] * 3, [0] * 3, tries=1, weights=w).order[0] for _ in range(50)
+    ]
+    assert Counter(firsts) == {0: 10, 1: 30, 2: 10}
+    assert firsts[:5] != [1, 1, 1, 0, 2]  # smooth: the heavy one is spread out
+    rnd = Picker("random", rng=random.Random(5))
+    counts = Counter(
+        rnd.pick(None, None, [True] * 3, [0] * 3, tries=1, weights=w).order[0] for _ in range(5000)
+    )
+    assert 0.55 < counts[1] / 5000 < 0.65
+    lr = Picker("least_request", rng=random.Random(2))
+    # Endpoint 1 has three times the weight: 3 active there is as loaded as 1 elsewhere.
+    picks = Counter(
+        lr.pick(None, None, [True] * 3, [1, 2, 1], tries=1, weights=w).order[0] for _ in range(3000)
+    )
+    assert picks[1] > picks[0] and picks[1] > picks[2]
