@@ -205,12 +205,13 @@ class Answers:
         # also validates the name: a hit means the bytes are one of our own wire names.
         if len(data) > 16 and not data[2] & 0xF8 and data[4:10] == b"\x00\x01\x00\x00\x00\x00":
             end = data.find(0, 12) + 5
-            fast = self._fast.get(data[12:end].lower())
-            if fast is not None and len(data) >= end:
+            question = data[12:end]  # short when cut: then it matches no key
+            fast = self._fast.get(question.lower())
+            if fast is not None:
                 arcount = data[10:12]
                 if arcount == b"\x00\x00":
                     if not udp or end + fast[1] <= CLASSIC_UDP_LIMIT:
-                        return data[:2] + fast[2 + (data[2] & 1)] + data[12:end] + fast[0]()
+                        return b"".join((data[:2], fast[2 + (data[2] & 1)], question, fast[0]()))
                 elif (
                     arcount == b"\x00\x01"
                     and data[end : end + 3] == b"\x00\x00\x29"
@@ -222,7 +223,8 @@ class Answers:
                         limit = min(max((data[end + 3] << 8) | data[end + 4], 512), MAX_UDP_PAYLOAD)
                     if end + fast[1] + OPT_SIZE <= limit:
                         opt = _OPT_DO if data[end + 7] & DO_BIT else _OPT_PLAIN
-                        return data[:2] + fast[4 + (data[2] & 1)] + data[12:end] + fast[0]() + opt
+                        head = fast[4 + (data[2] & 1)]
+                        return b"".join((data[:2], head, question, fast[0](), opt))
         return self._answer(data, udp)
 
     def _answer(self, data: bytes, udp: bool) -> bytes | str | None:
