@@ -39,6 +39,7 @@ COLLECTION = "instances"
 COUNTERS = "counters"
 REVISION_ID = "instances"
 DEFAULT_POLL_INTERVAL = 0.1  # s; the revision counter is one small read
+MAX_SKIPPED_REMEMBERED = 10_000  # bad documents logged once each; a bound on the memory
 MAX_UPDATE_TRIES = 16  # compare-and-swap retries; one instance has one writer, its sidecar
 SERVER_SELECTION_TIMEOUT_MS = 2000  # fail fast: callers keep their last snapshot and retry
 
@@ -73,6 +74,7 @@ class RegistryStore:
         self._clock = clock
         self.url = url
         self._change_streams: bool | None = None
+        self._skipped: set[tuple[str, str, str]] = set()
 
     @classmethod
     def from_url(cls, url: str = DEFAULT_URL, **kwargs: Any) -> RegistryStore:
@@ -198,7 +200,7 @@ class RegistryStore:
             try:
                 inst = from_document(doc)
             except InvalidDocument as exc:
-                log.warning("registry: skipping a document that does not decode: %s", exc)
+                self._skip(doc, exc)
                 continue
             # The server compared with our clock already; check again so that a slow answer
             # never resurrects a lease that ran out while it was in flight.
@@ -206,6 +208,16 @@ class RegistryStore:
                 out.append(inst)
         out.sort(key=lambda i: i.id)
         return out
+
+    def _skip(self, doc: dict[str, Any], exc: InvalidDocument) -> None:
+        """Log a document that does not decode once per version of it, not on every read."""
+        key = (str(doc.get("_id")), repr(doc.get("revision")), repr(doc.get("updated_at")))
+        if key in self._skipped:
+            return
+        if len(self._skipped) > MAX_SKIPPED_REMEMBERED:
+            self._skipped.clear()
+        self._skipped.add(key)
+        log.warning("registry: skipping a document that does not decode: %s", exc)
 
     async def services(self) -> list[str]:
         return sorted({i.service for i in await self.list()})
