@@ -738,12 +738,19 @@ class Downstream(asyncio.Protocol):
         state.requests += 1
         self.upstream = up
         self._x = x
-        timeout = x.deadline - now
-        if cfg.per_try_timeout:
-            timeout = min(timeout, cfg.per_try_timeout)
-        x.timer = self.loop.call_later(max(0.0, timeout), self._fast_timeout, x)
+        # No timer per request: the server's deadline sweep (every DEADLINE_TICK) checks
+        # ``try_deadline`` of the exchanges in flight.
+        x.try_deadline = (
+            min(x.deadline, now + cfg.per_try_timeout) if cfg.per_try_timeout else x.deadline
+        )
         discard = x.attempt < x.n_tries and x.req.head.method in _IDEMPOTENT
         up.start(self, x.req, self._fast_done, discard_5xx=discard)
+
+    def check_deadline(self, now: float) -> None:
+        """Called by the server's sweep: time out the exchange in flight if it is late."""
+        x = self._x
+        if x is not None and now >= x.try_deadline:
+            self._fast_timeout(x)
 
     def _fast_timeout(self, x: _Exchange) -> None:
         up = x.up
@@ -993,7 +1000,7 @@ class _Exchange:
 
     __slots__ = (
         "cluster", "view", "pick", "req", "deadline", "tries", "n_tries", "order", "attempt",
-        "state", "up", "t0", "timer", "outcome",
+        "state", "up", "t0", "timer", "outcome", "try_deadline",
     )  # fmt: skip
 
     def __init__(self, cluster, view, pick, req: Request, deadline: float, tries: int) -> None:
@@ -1012,6 +1019,7 @@ class _Exchange:
         self.t0 = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.outcome = Outcome.CONNECT_FAILED
+        self.try_deadline = deadline
 
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})

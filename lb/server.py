@@ -16,6 +16,10 @@ from lb.proxy import Downstream
 log = logging.getLogger(__name__)
 
 MAINTAIN_INTERVAL = 1.0  # ejection ends and idle-pool expiry are checked this often
+# Request and per-try timeouts on the fast path are checked this often, instead of a timer
+# per request (a timer costs about as much as routing the request). Timeouts fire up to
+# this late.
+DEADLINE_TICK = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +121,18 @@ class Server:
 
     def start(self) -> None:
         self._tasks.append(self.loop.create_task(self._maintain()))
+        self._tasks.append(self.loop.create_task(self._deadlines()))
         for cluster in self.clusters:
             if cluster.health is not None:
                 self._tasks.append(self.loop.create_task(_health_loop(cluster)))
+
+    async def _deadlines(self) -> None:
+        while True:
+            await asyncio.sleep(DEADLINE_TICK)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                if conn.busy:
+                    conn.check_deadline(now)
 
     async def _maintain(self) -> None:
         next_sweep = {id(c): time.monotonic() + c.config.outlier.interval for c in self.clusters}
