@@ -1,11 +1,16 @@
 """The data path: downstream and upstream asyncio Protocols joined per request.
 
-One task per downstream connection owns it and its errors (parse → route → pick → try →
-retry → respond). Bytes move in callbacks: a request body goes from the downstream
-protocol straight to the upstream transport, a response from the upstream protocol
-straight to the downstream transport, each direction pausing the other's reads when a
-write buffer fills (``pause_writing`` → ``pause_reading``). Heads are written with one
-``transport.write`` each; nothing logs per request.
+A request that finds an idle keep-alive connection to its endpoint runs entirely in
+callbacks: parse → route → pick → write upstream, then the upstream's reads complete it.
+A request that must wait (a new connection, a retry) hands over to a task for the rest;
+that task owns the request and its errors and answers 502/503/504 if nothing was sent.
+
+Bytes move in callbacks: a request body goes from the downstream protocol straight to the
+upstream transport, a response from the upstream protocol straight to the downstream
+transport, each direction pausing the other's reads when a write buffer fills
+(``pause_writing`` → ``pause_reading``). Each head is built as one bytes object, and all
+the bytes one upstream read produces for the client go out in one ``transport.write``;
+nothing logs per request.
 """
 
 from __future__ import annotations
@@ -101,7 +106,6 @@ class Upstream(asyncio.Protocol):
         "keep_alive_out",
         "close_delimited",
         "upgraded",
-        "t0",
         "first_byte",
         "out",
         "pending",
