@@ -81,6 +81,10 @@ class Forwarder:
         self._rng = rng or random.SystemRandom()
         self.inflight = 0
         self.failures = 0
+        self.loops = 0
+        # ID + question of every query we have out: one that comes back to us is a loop
+        # (an upstream configured to forward to this sidecar), answered SERVFAIL at once.
+        self._out: set[bytes] = set()
 
     def __repr__(self) -> str:
         return f"<Forwarder {format_addr(*self.upstream)} inflight={self.inflight}>"
@@ -88,6 +92,15 @@ class Forwarder:
     async def forward(self, query: bytes, *, tcp: bool) -> bytes:
         """The upstream's reply with the client's ID, or SERVFAIL. Never raises."""
         if self.inflight >= MAX_FORWARDS:
+            return servfail(query)
+        if _loop_key(query) in self._out:
+            self.loops += 1
+            if self.loops == 1:
+                log.warning(
+                    "dns: upstream %s sends our own queries back (a forwarding loop); "
+                    "answering them SERVFAIL",
+                    format_addr(*self.upstream),
+                )
             return servfail(query)
         self.inflight += 1
         try:
@@ -104,15 +117,20 @@ class Forwarder:
         # Our own random ID toward the upstream: a client's ID is not ours to trust.
         qid = self._rng.getrandbits(16)
         ours = struct.pack("!H", qid) + query[2:]
+        key = _loop_key(ours)
+        self._out.add(key)
         try:
-            async with asyncio.timeout(self.udp_timeout):
-                reply = await self._udp(ours)
-        except TimeoutError:
-            if not tcp:
-                raise
-            reply = await self._tcp(ours)  # a lost datagram: TCP has its own retransmits
-        if tcp and len(reply) > 3 and reply[2] & 0x02:
-            reply = await self._tcp(ours)
+            try:
+                async with asyncio.timeout(self.udp_timeout):
+                    reply = await self._udp(ours)
+            except TimeoutError:
+                if not tcp:
+                    raise
+                reply = await self._tcp(ours)  # a lost datagram: TCP has its own retransmits
+            if tcp and len(reply) > 3 and reply[2] & 0x02:
+                reply = await self._tcp(ours)
+        finally:
+            self._out.discard(key)
         _check(ours, reply)
         return query[:2] + reply[2:]
 
@@ -145,14 +163,22 @@ class _BadReply(Exception):
     pass
 
 
+def _question_end(query: bytes) -> int:
+    end = 12
+    while end < len(query) and query[end]:
+        end += query[end] + 1
+    return end + 5
+
+
+def _loop_key(query: bytes) -> bytes:
+    return query[:2] + query[12 : _question_end(query)].lower()
+
+
 def _check(query: bytes, reply: bytes) -> None:
     """The reply answers this query: same ID, QR set, same question (any case)."""
     if len(reply) < 12 or reply[:2] != query[:2] or not reply[2] & 0x80:
         raise _BadReply("upstream reply does not match the query")
-    end = 12
-    while end < len(query) and query[end]:
-        end += query[end] + 1
-    end += 5
+    end = _question_end(query)
     if reply[4:6] != b"\x00\x01" or reply[12:end].lower() != query[12:end].lower():
         raise _BadReply("upstream reply is for another question")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -345,3 +346,52 @@ def test_resolv_conf_upstream(tmp_path):
     assert resolv_conf_upstream([("127.0.0.1", 53)], str(conf)) == ("10.0.0.53", 53)
     assert resolv_conf_upstream([("127.0.0.1", 5353)], str(conf)) == ("127.0.0.1", 53)
     assert resolv_conf_upstream([], str(tmp_path / "missing")) is None
+
+
+class _Relay(asyncio.DatagramProtocol):
+    """An upstream that sends every query back to the sidecar unchanged (same ID), as a
+    resolver configured to forward to the sidecar does, and relays the reply."""
+
+    def __init__(self, target):
+        self.target = target
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        asyncio.ensure_future(self._relay(data, addr))
+
+    async def _relay(self, data, addr):
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        class One(asyncio.DatagramProtocol):
+            def datagram_received(self, reply, _):
+                if not done.done():
+                    done.set_result(reply)
+
+        transport, _ = await loop.create_datagram_endpoint(One, remote_addr=self.target)
+        try:
+            transport.sendto(data)
+            with contextlib.suppress(TimeoutError):
+                self.transport.sendto(await asyncio.wait_for(done, 3), addr)
+        finally:
+            transport.close()
+
+
+async def test_a_forwarding_loop_is_cut_short():
+    loop = asyncio.get_running_loop()
+    relay_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    relay_sock.bind(("127.0.0.1", 0))
+    s = await serve(upstream=relay_sock.getsockname())
+    relay, _ = await loop.create_datagram_endpoint(lambda: _Relay(s.addresses[0]), sock=relay_sock)
+    try:
+        t0 = loop.time()
+        reply = await query(s, "example.com.")
+        assert reply.rcode() == dns.rcode.SERVFAIL
+        assert loop.time() - t0 < s.forwarder.udp_timeout  # cut, not timed out
+        assert s.forwarder.loops >= 1
+    finally:
+        relay.close()
+        await s.close()
