@@ -172,9 +172,14 @@ class RequestReader:
                 raise exc.__context__ from None
             raise BadRequest(400, str(exc)) from None
         except HttpParserError as exc:
-            raise BadRequest(400, str(exc)) from None
+            # llhttp refuses "chunked, gzip" (chunked not last) itself: still a transfer
+            # coding we do not implement, so 501 as for any other.
+            status = 501 if "Invalid `Transfer-Encoding`" in str(exc) else 400
+            raise BadRequest(status, str(exc)) from None
         if self._in_head:
             # A head still incomplete after this read: bound what it may still grow to.
+            if not self._line_done and b"\n" in data:
+                self._line_done = True  # the request line ended; a field is in progress
             self._fed += len(data)
             if not self._line_done and self._fed > MAX_REQUEST_LINE_BYTES:
                 raise BadRequest(414, "request line too long")
