@@ -50,9 +50,10 @@ def cluster_json(c: Cluster) -> dict:
                 "responses_5xx": st.responses_5xx,
                 "failures": st.failures,
                 "spills": st.spills,
+                # The detector's EWMA: successful responses since the last restore.
                 "latency_ewma_seconds": None
-                if st.latency_ewma is None
-                else round(st.latency_ewma, 6),
+                if m is None or m.latency_ewma is None
+                else round(m.latency_ewma, 6),
                 "idle_connections": len(st.idle),
             }
         )

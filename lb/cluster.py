@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 # Upstream latency histogram buckets (seconds), Prometheus-style upper bounds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-EWMA_ALPHA = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +60,6 @@ class EndpointState:
         "responses_5xx",
         "failures",
         "spills",
-        "latency_ewma",
         "idle",
         "connections",
         "host_header",
@@ -74,14 +72,9 @@ class EndpointState:
         self.responses_5xx = 0
         self.failures = 0
         self.spills = 0
-        self.latency_ewma: float | None = None
         self.idle: deque = deque()  # (conn, idle_since) most recent on the right
         self.connections = 0
         self.host_header = endpoint.key.encode()  # Host for requests that came without one
-
-    def observe_latency(self, seconds: float) -> None:
-        prev = self.latency_ewma
-        self.latency_ewma = seconds if prev is None else prev + EWMA_ALPHA * (seconds - prev)
 
     # Keep-alive pool: LIFO, so a few connections stay warm and the rest expire.
 

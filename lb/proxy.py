@@ -953,7 +953,6 @@ class Downstream(asyncio.Protocol):
         stats = cluster.stats
         if up is not None and up.status:
             latency = (up.first_byte or now) - t0
-            state.observe_latency(latency)
             stats.observe(latency)
             if up.started:
                 stats.responses[_CLASS[up.status // 100]] += 1
@@ -963,7 +962,9 @@ class Downstream(asyncio.Protocol):
             if self.closed and outcome is Outcome.RESET:
                 return outcome  # the client left and we cut the upstream: not its fault
             state.failures += 1
-        cluster.record(state, outcome, now, latency)
+        events = cluster.detector.record(state.endpoint.key, outcome, now, latency=latency)
+        if events:
+            cluster.apply(events)
         return outcome
 
     async def _connect(self, state: EndpointState, connect_timeout: float, left: float) -> Upstream:

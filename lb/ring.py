@@ -23,6 +23,11 @@ from hashlib import blake2b, md5
 
 from lb.endpoints import DEFAULT_WEIGHT, EndpointSet
 
+try:  # CPython's own MD5: for a few bytes it is twice as fast as OpenSSL's (no context set-up)
+    from _md5 import md5 as _key_md5
+except ImportError:  # pragma: no cover - a build without it
+    from hashlib import md5 as _key_md5
+
 MAGLEV_TABLE_SIZE = 65537  # Envoy's default; must be prime
 KETAMA_NAMES_PER_UNIT = 40  # libketama: 40 names × 4 points from each MD5 = 160 points
 KETAMA_POINTS_PER_NAME = 4
@@ -32,8 +37,7 @@ BUILD_OFF_LOOP_ENTRIES = 4096  # tables bigger than this are built in a thread
 
 def hash_key(data: bytes) -> int:
     """The 32-bit ketama hash of a key (MD5, first 4 bytes little-endian), as uhashring."""
-    d = md5(data, usedforsecurity=False).digest()
-    return d[0] | d[1] << 8 | d[2] << 16 | d[3] << 24
+    return int.from_bytes(_key_md5(data).digest()[:4], "little")
 
 
 def _is_prime(n: int) -> bool:
