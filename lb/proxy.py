@@ -43,6 +43,12 @@ BODY_BUFFER_BYTES = 256 * 1024  # request body buffered before an upstream is at
 RETRY_AFTER = (b"Retry-After: 1",)
 
 
+def _write(transport: asyncio.Transport | None, data: bytes) -> None:
+    """Write unless the transport is gone (the peer left while bytes were on their way)."""
+    if transport is not None and not transport.is_closing():
+        transport.write(data)
+
+
 class _StopBody(Exception):
     """Raised from a parser callback: the message has no body (HEAD, discarded retry)."""
 
@@ -169,7 +175,7 @@ class Upstream(asyncio.Protocol):
         elif self.started and self.close_delimited and down is not None:
             # The body ran to the close (no Content-Length, not chunked): a normal end.
             if self.chunked_out:
-                down.transport.write(http1.LAST_CHUNK)
+                _write(down.transport, http1.LAST_CHUNK)
             if not self.keep_alive_out:
                 down.keep_alive = False
             self._complete_at_close()
@@ -193,7 +199,9 @@ class Upstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.upgraded:
-            self.down.transport.write(data)
+            t = self.down.transport if self.down is not None else None
+            if t is not None and not t.is_closing():
+                t.write(data)
             return
         if self.done is None:
             self.close()  # bytes nobody asked for: the connection is not in a known state
@@ -235,15 +243,19 @@ class Upstream(asyncio.Protocol):
     def _flush(self, down: Downstream | None) -> None:
         out = self.out
         self.out = None
-        if out and down is not None and down.transport is not None:
-            down.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if out and down is not None:
+            t = down.transport
+            if t is not None and not t.is_closing():
+                t.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _emit(self, data: bytes) -> None:
         out = self.out
         if out is not None:
             out.append(data)
-        elif self.down is not None and self.down.transport is not None:
-            self.down.transport.write(data)
+        elif self.down is not None:
+            t = self.down.transport
+            if t is not None and not t.is_closing():
+                t.write(data)
 
     # Exchange
 
@@ -285,7 +297,7 @@ class Upstream(asyncio.Protocol):
             req.sink = self
             if head.expect_continue and not req.continue_sent:
                 req.continue_sent = True
-                down.transport.write(http1.CONTINUE)
+                _write(down.transport, http1.CONTINUE)
             down.buffer_full = False
             down.apply_flow()
 
@@ -299,12 +311,12 @@ class Upstream(asyncio.Protocol):
 
     def send_body(self, data: bytes) -> None:
         req = self.req
-        self.transport.write(http1.chunk(data) if req.head.chunked else data)
+        _write(self.transport, http1.chunk(data) if req.head.chunked else data)
         self._keep(req, data)
 
     def end_body(self) -> None:
         if self.req.head.chunked:
-            self.transport.write(http1.LAST_CHUNK)
+            _write(self.transport, http1.LAST_CHUNK)
 
     def _finish(self, outcome: Outcome) -> None:
         """Tell the request how this exchange ended (once)."""
@@ -361,7 +373,7 @@ class Upstream(asyncio.Protocol):
         self._finish(Outcome.OK)
         down.start_tunnel(self)
         if rest:
-            down.transport.write(rest)
+            _write(down.transport, rest)
 
     def abort(self) -> None:
         self.reusable = False
@@ -541,14 +553,16 @@ class Downstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
-            self.tunnel.transport.write(data)
+            t = self.tunnel.transport
+            if t is not None and not t.is_closing():
+                t.write(data)
             return
         cur = self.current or (self.queue[-1] if self.queue else None)
         if cur is not None and cur.head.upgrade is not None and cur.ended:
             # An upgrade in progress: these bytes belong to the new protocol.
             up = self.upstream
             if up is not None and up.transport is not None:
-                up.transport.write(data)
+                _write(up.transport, data)
             else:
                 cur.tunnel_data += data
             return
