@@ -63,6 +63,7 @@ class EndpointState:
         "idle",
         "connections",
         "host_header",
+        "removed",
     )
 
     def __init__(self, endpoint: Endpoint) -> None:
@@ -75,6 +76,7 @@ class EndpointState:
         self.idle: deque = deque()  # (conn, idle_since) most recent on the right
         self.connections = 0
         self.host_header = endpoint.key.encode()  # Host for requests that came without one
+        self.removed = False  # no longer in the set: connections coming back are closed
 
     # Keep-alive pool: LIFO, so a few connections stay warm and the rest expire.
 
@@ -88,7 +90,7 @@ class EndpointState:
         return None
 
     def put_idle(self, conn, now: float, max_idle: int) -> None:
-        if len(self.idle) >= max_idle:
+        if self.removed or len(self.idle) >= max_idle:
             conn.close()
             return
         self.idle.append((conn, now))
@@ -195,6 +197,7 @@ class Cluster:
             states[ep.key] = st
         for key, st in old.items():
             if key not in states:
+                st.removed = True
                 st.close_idle()
         self._states = states
         self.view = View(endpoints, table, [states[k] for k in endpoints.keys])

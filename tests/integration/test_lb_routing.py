@@ -175,3 +175,22 @@ async def test_bounded_loads_spill_counted():
         assert all(s == 200 for s, _ in res)
         assert len({b for _, b in res}) > 1  # the hot key overflowed its home
         assert sum(st.spills for st in lb.cluster.view.states) > 0
+
+
+async def test_endpoint_removed_mid_request_leaves_no_pooled_connection():
+    from lb.endpoints import EndpointSet
+
+    async with backends(2) as bs, lb_in_process(bs) as lb:
+        bs[0].delay = bs[1].delay = 0.5
+        headers = lambda i: {"X-User": f"r{i}"}  # noqa: E731
+        task = asyncio.create_task(_get_many(lb.url + "/", 10, headers_for=headers))
+        await asyncio.sleep(0.2)
+        old = list(lb.cluster.view.states)
+        await lb.cluster.set_endpoints(EndpointSet.of([bs[1].endpoint]))
+        res = await task
+        assert all(st == 200 for st, _ in res)
+        gone = next(st for st in old if st.endpoint.key == bs[0].key)
+        assert gone.removed and not gone.idle
+        async with asyncio.timeout(5):
+            while gone.connections:
+                await asyncio.sleep(0.02)
