@@ -256,6 +256,7 @@ def main() -> int:
             lb.stop()
         os.killpg(backend.pid, signal.SIGTERM)
         backend.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
