@@ -130,6 +130,7 @@ class DevMesh:
     dns_port: int = 0
     admin_port: int = 0
     check_interval: float = 0.5
+    data: str = "memory"  # the embedded database's storage: "memory" or a file
     members: list[Peer] = field(default_factory=list)
     lb: Child | None = None
     db: EmbeddedDB | None = None
@@ -162,7 +163,7 @@ class DevMesh:
         if self.mongo_url:
             self.url = self.mongo_url
         else:
-            self.db = EmbeddedDB()
+            self.db = EmbeddedDB(data=self.data)
             self.url = self.db.start()
         for n in range(1, self.peers + 1):
             name = f"{SERVICE}-{n}"
