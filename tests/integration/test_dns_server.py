@@ -355,12 +355,15 @@ class _Relay(asyncio.DatagramProtocol):
     def __init__(self, target):
         self.target = target
         self.transport = None
+        self.tasks = set()
 
     def connection_made(self, transport):
         self.transport = transport
 
     def datagram_received(self, data, addr):
-        asyncio.ensure_future(self._relay(data, addr))
+        task = asyncio.ensure_future(self._relay(data, addr))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def _relay(self, data, addr):
         loop = asyncio.get_running_loop()
@@ -385,7 +388,9 @@ async def test_a_forwarding_loop_is_cut_short():
     relay_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     relay_sock.bind(("127.0.0.1", 0))
     s = await serve(upstream=relay_sock.getsockname())
-    relay, _ = await loop.create_datagram_endpoint(lambda: _Relay(s.addresses[0]), sock=relay_sock)
+    relay, protocol = await loop.create_datagram_endpoint(
+        lambda: _Relay(s.addresses[0]), sock=relay_sock
+    )
     try:
         t0 = loop.time()
         reply = await query(s, "example.com.")
@@ -393,5 +398,8 @@ async def test_a_forwarding_loop_is_cut_short():
         assert loop.time() - t0 < s.forwarder.udp_timeout  # cut, not timed out
         assert s.forwarder.loops >= 1
     finally:
+        for task in list(protocol.tasks):
+            task.cancel()
+        await asyncio.gather(*protocol.tasks, return_exceptions=True)
         relay.close()
         await s.close()
