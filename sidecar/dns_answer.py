@@ -57,6 +57,8 @@ NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
 BADVERS = 16  # RFC 6891 §6.1.3: 12 bits, the upper 8 in the OPT TTL
 DO_BIT = 0x80  # first byte of the OPT flags field (RFC 3225)
 
+_NO_TRANSFER = (b"\x00\xfb", b"\x00\xfc")  # IXFR, AXFR
+
 FORWARD = "forward"  # a query for a name outside the zone, to pass to the upstream
 
 _SHORT = struct.Struct("!H")
@@ -248,6 +250,8 @@ class Answers:
                 return FORWARD if self.config.forward else refused(q, self._ra)
             if q.key[-2:] != b"\x00\x01":
                 return refused(q, self._ra)  # CHAOS, HESIOD, ANY: this zone is IN only
+            if q.key[-4:-2] in _NO_TRANSFER:
+                return refused(q, self._ra)  # no zone transfers: the zone is every sidecar's
             entry = self._names.get(qname, self._nxdomain)
         limit = MAX_TCP_MESSAGE
         if udp:

@@ -186,8 +186,10 @@ def test_outside_names_are_forwarded_with_upstream():
     assert reply.flags & dns.flags.RA  # the sidecar is the container's resolver
 
 
-def test_other_classes_are_refused():
+def test_other_classes_and_zone_transfers_are_refused():
     assert ask("web.service.mesh.", rdclass="CH").rcode() == dns.rcode.REFUSED
+    assert ask("mesh.", "AXFR", udp=False).rcode() == dns.rcode.REFUSED
+    assert ask("mesh.", "IXFR", udp=False).rcode() == dns.rcode.REFUSED
 
 
 def test_any_is_answered_minimally():
