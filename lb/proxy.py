@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from lb.server import Server
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("mesh.lb.access")
 
 REPLAY_MAX_BYTES = 64 * 1024  # request body kept for a retry; larger bodies are not retried
 BODY_BUFFER_BYTES = 256 * 1024  # request body buffered before an upstream is attached
@@ -69,6 +70,9 @@ class Request:
         "buffered",
         "continue_sent",
         "tunnel_data",
+        "status",
+        "endpoint",
+        "t0",
     )
 
     def __init__(self, head: http1.RequestHead) -> None:
@@ -81,6 +85,9 @@ class Request:
         self.buffered = 0
         self.continue_sent = False
         self.tunnel_data = b""
+        self.status = 0  # what the client got (for the access log)
+        self.endpoint = ""
+        self.t0 = 0.0
 
 
 # Upstream connection
@@ -465,6 +472,7 @@ class Upstream(asyncio.Protocol):
                 head.append(b"Connection: keep-alive\r\n")
         head.append(b"\r\n")
         self.started = True
+        self.req.status = status
         self.out.append(b"".join(head))
         if self.head_only:
             raise _StopBody
@@ -711,6 +719,8 @@ class Downstream(asyncio.Protocol):
 
     def _start(self, req: Request) -> None:
         head = req.head
+        if self.server.access_log:
+            req.t0 = time.monotonic()
         cluster = self.server.route(head)
         if cluster is None:
             self._local(req, 404)
@@ -756,6 +766,8 @@ class Downstream(asyncio.Protocol):
         state.requests += 1
         self.upstream = up
         self._x = x
+        if self.server.access_log:
+            x.req.endpoint = state.endpoint.key
         # No timer per request: the server's deadline sweep (every DEADLINE_TICK) checks
         # ``try_deadline`` of the exchanges in flight.
         x.try_deadline = (
@@ -916,6 +928,8 @@ class Downstream(asyncio.Protocol):
         state.active += 1
         state.requests += 1
         self.upstream = up
+        if self.server.access_log:
+            x.req.endpoint = state.endpoint.key
         timeout = x.deadline - now
         if cfg.per_try_timeout:
             timeout = min(timeout, cfg.per_try_timeout)
@@ -931,6 +945,8 @@ class Downstream(asyncio.Protocol):
 
     def _done(self, req: Request) -> None:
         """The request is over: keep the connection for the next one, or close it."""
+        if self.server.access_log:
+            self._log_access(req)
         self.busy = False
         self.current = None
         self.upstream = None
@@ -953,6 +969,19 @@ class Downstream(asyncio.Protocol):
         self.idle_since = self.loop.time()
         if self.queue:
             self._next()
+
+    def _log_access(self, req: Request) -> None:
+        head = req.head
+        access_log.info(
+            '%s "%s %s HTTP/%s" %d %s %.1fms',
+            self.client_ip,
+            head.method.decode("latin-1"),
+            head.url.decode("latin-1"),
+            head.version,
+            req.status,
+            req.endpoint or "-",
+            (time.monotonic() - req.t0) * 1000,
+        )
 
     def _record(
         self,
@@ -1002,6 +1031,7 @@ class Downstream(asyncio.Protocol):
         headers: tuple[bytes, ...] = (),
     ) -> None:
         """Answer from the LB itself. Close unless the request was fully read."""
+        req.status = status
         self.server.count_local(status)
         if cluster is not None:
             cluster.stats.local[status] = cluster.stats.local.get(status, 0) + 1

@@ -57,6 +57,7 @@ class Server:
         routes: Sequence[Route],
         *,
         idle_timeout: float = 60.0,
+        access_log: bool = False,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
@@ -69,6 +70,7 @@ class Server:
             else None
         )
         self.idle_timeout = idle_timeout
+        self.access_log = access_log  # one INFO line per request (costs CPU per request)
         # Request fields the parser keeps for hash keys (every cluster's header sources).
         wanted = set()
         for c in self.clusters:

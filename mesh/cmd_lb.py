@@ -28,6 +28,7 @@ from mesh.cli import Command
 from mesh.config import (
     ConfigError,
     Option,
+    boolean,
     choice,
     format_host_port,
     host_port,
@@ -123,6 +124,7 @@ OPTIONS = (
     Option("pool-idle-timeout", _seconds(0.1, 86400), 30.0, "idle upstream connections expire after this, seconds"),
     Option("drain-timeout", _seconds(0, 3600), 30.0, "on SIGTERM, how long requests in flight may take"),
     Option("workers", integer(1, 256), 1, "processes sharing the listen sockets (SO_REUSEPORT)"),
+    Option("access-log", boolean, False, "log one line per request (costs CPU per request)"),
     Option("admin", host_port, ("127.0.0.1", 9901), "admin address: /healthz /clusters /metrics /ring", metavar="HOST:PORT"),
 )  # fmt: skip
 
@@ -303,7 +305,7 @@ async def _main(values, p: Plan, socks, admin_sock, worker: int, children: list[
             service_clusters.append((service, cluster))
         else:
             await cluster.set_endpoints(eps)
-    server = Server(routes, idle_timeout=values["idle_timeout"])
+    server = Server(routes, idle_timeout=values["idle_timeout"], access_log=values["access_log"])
     store = feed = None
     feed_task = None
     if service_clusters:

@@ -296,3 +296,12 @@ async def test_big_upload_and_download_keep_memory_flat():
         grew_mib = (_rss_peak_kib(lb.proc.pid) - before) / 1024
         print(f"peak RSS grew {grew_mib:.1f} MiB")
         assert grew_mib < 32, f"peak RSS grew {grew_mib:.0f} MiB"
+
+
+async def test_access_log_when_asked():
+    async with backends(1) as bs, LBProcess("--endpoints", _eps(bs), "--access-log", "true") as lb:
+        rc, out, _ = await curl(lb.url + "/al?x=1")
+        assert rc == 0
+        async with asyncio.timeout(5):
+            while not any('"GET /al?x=1 HTTP/1.1" 200 ' + bs[0].key in line for line in lb.log):
+                await asyncio.sleep(0.05)
