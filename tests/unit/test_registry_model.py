@@ -146,3 +146,20 @@ def test_backoff_is_capped_and_jittered():
     assert max(delays[10:]) > 1.0  # grew toward the cap
     b.reset()
     assert b.next_delay() <= 0.1
+
+
+def test_hold_missing_keeps_what_the_fresh_snapshot_lacks():
+    from registry.follow import hold_missing
+
+    a, b, c = make(instance="a"), make(instance="b"), make(instance="c", status="critical")
+    held = Snapshot.of([a, b], 5)
+    fresh = Snapshot.of([make(instance="b", status="critical"), c], 9)
+    merged = hold_missing(held, fresh)
+    assert [(i.instance, i.status) for i in merged.instances] == [
+        ("a", "passing"),  # kept as it was
+        ("b", "critical"),  # the fresh state wins where both have it
+        ("c", "critical"),
+    ]
+    assert merged.revision == 9
+    assert hold_missing(None, fresh) is fresh
+    assert hold_missing(Snapshot.of([c]), fresh) is fresh
