@@ -41,8 +41,12 @@ class Host:
     def cmd(self, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.name, *argv]
 
-    def run(self, argv: Sequence[str], *, timeout: float = 30, check: bool = True, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(self.cmd(argv), capture_output=True, text=True, timeout=timeout, check=check, **kw)
+    def run(
+        self, argv: Sequence[str], *, timeout: float = 30, check: bool = True, **kw
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            self.cmd(argv), capture_output=True, text=True, timeout=timeout, check=check, **kw
+        )
 
     def popen(self, argv: Sequence[str], **kw) -> subprocess.Popen:
         return subprocess.Popen(self.cmd(argv), **kw)
@@ -90,7 +94,12 @@ class Topology:
                 netns.create(host.name)
                 self._created.append(host.name)
                 # Create the pair inside the hub, then move one end into the host.
-                hub.link("add", ifname=f"v{i}", kind="veth", peer={"ifname": host.ifname, "net_ns_fd": host.name})
+                hub.link(
+                    "add",
+                    ifname=f"v{i}",
+                    kind="veth",
+                    peer={"ifname": host.ifname, "net_ns_fd": host.name},
+                )
                 v = hub.link_lookup(ifname=f"v{i}")[0]
                 hub.link("set", index=v, master=br, state="up")
                 with NetNS(host.name) as ns:
@@ -106,3 +115,76 @@ class Topology:
             except OSError:
                 pass
         self._created.clear()
+
+
+def mesh(*args: str) -> list[str]:
+    """The ``mesh`` command as a user runs it, for ``Host.popen``."""
+    import sys
+
+    return [sys.executable, "-m", "mesh", *args]
+
+
+class Processes:
+    """Processes started inside hosts, each logging to a file; on a failure the tail of every
+    log is printed, and everything is killed on exit.
+
+        with Processes(tmp_path) as procs:
+            procs.start(host, mesh("db", ...), "db")
+    """
+
+    def __init__(self, logdir) -> None:
+        from pathlib import Path
+
+        self._dir = Path(logdir)
+        self._procs: list[subprocess.Popen] = []
+        self._logs: list[tuple[str, object]] = []
+
+    def start(self, host: Host, argv: Sequence[str], label: str) -> subprocess.Popen:
+        log = open(self._dir / f"{label}.log", "wb")  # noqa: SIM115 - closed in __exit__
+        self._logs.append((label, log))
+        proc = host.popen(
+            list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        self._procs.append(proc)
+        return proc
+
+    def start_web_peer(
+        self, host: Host, index: int, *, mongo_url: str, app_port: int
+    ) -> subprocess.Popen:
+        """An HTTP app on ``host`` and its sidecar (service ``web``, instance ``peer<index>``,
+        DNS on the host's 127.0.0.1:53, address found by the sidecar). Returns the sidecar."""
+        import sys
+
+        self.start(
+            host,
+            [sys.executable, "-m", "http.server", str(app_port), "--bind", host.address],
+            f"app{index}",
+        )
+        return self.start(
+            host,
+            mesh(
+                "sidecar", "--service", "web", "--port", str(app_port), "--instance", f"peer{index}",
+                "--check", "http:/", "--check-interval", "0.5", "--drain", "0.5",
+                "--dns-listen", "127.0.0.1:53", "--upstream", "none", "--mongo-url", mongo_url,
+            ),
+            f"sidecar{index}",
+        )  # fmt: skip
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import contextlib
+
+        if exc_type is not None:
+            for label, log in self._logs:
+                log.flush()
+                tail = (self._dir / f"{label}.log").read_text(errors="replace")[-1500:]
+                print(f"--- {label}\n{tail}")
+        for proc in self._procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        for proc in self._procs:
+            proc.wait(timeout=10)
+        for _, log in self._logs:
+            log.close()

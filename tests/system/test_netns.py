@@ -25,10 +25,14 @@ def test_hosts_reach_each_other_and_partition():
                     break
             else:
                 raise AssertionError("host a never reached host b")
-            routes = subprocess.run(["ip", "route", "get", b.address], capture_output=True, text=True)
-            assert "br0" not in routes.stdout and b.address not in subprocess.run(
-                ["ip", "-br", "addr"], capture_output=True, text=True
-            ).stdout, "the root namespace must not hold a topology address"
+            routes = subprocess.run(
+                ["ip", "route", "get", b.address], capture_output=True, text=True
+            )
+            assert (
+                "br0" not in routes.stdout
+                and b.address
+                not in subprocess.run(["ip", "-br", "addr"], capture_output=True, text=True).stdout
+            ), "the root namespace must not hold a topology address"
             b.link(False)
             assert a.run(reach, check=False).returncode != 0, "a partitioned host still answers"
             b.link(True)

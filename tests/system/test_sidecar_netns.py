@@ -7,21 +7,15 @@ namespace only starts processes and reads their output.
 
 from __future__ import annotations
 
-import contextlib
 import signal
-import subprocess
 import sys
 import time
 
-from tests.system.netns import Host, Topology
+from tests.system.netns import Host, Processes, Topology, mesh
 
 DB_PORT = 27017  # a fresh namespace: the port is free by construction
 APP_PORT = 8080
 DEADLINE = 30.0  # s for any one wait below; each `mesh resolve` is a new process (~0.5 s)
-
-
-def mesh(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mesh", *args]
 
 
 def resolve(host: Host, name: str, rdtype: str = "SRV") -> list[str]:
@@ -44,88 +38,36 @@ def wait_resolve(host: Host, name: str, count: int) -> list[str]:
 
 
 def test_srv_discovery_across_namespaces(tmp_path):
-    procs: list[subprocess.Popen] = []
-    logs: list[tuple[str, object]] = []
-
-    def start(host: Host, argv: list[str], label: str) -> subprocess.Popen:
-        log = open(tmp_path / f"{label}.log", "wb")  # noqa: SIM115 - closed below
-        logs.append((label, log))
-        proc = host.popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        procs.append(proc)
-        return proc
-
-    with Topology(3) as topo:
-        try:
-            registry = topo.hosts[0]
-            url = f"mongodb://{registry.address}:{DB_PORT}/mesh"
-            start(registry, mesh("db", "--host", registry.address, "--port", str(DB_PORT)), "db")
-            sidecars = []
-            for i, host in enumerate(topo.hosts):
-                app = [sys.executable, "-m", "http.server", str(APP_PORT), "--bind", host.address]
-                start(host, app, f"app{i}")
-                sidecars.append(
-                    start(
-                        host,
-                        mesh(
-                            "sidecar",
-                            "--service",
-                            "web",
-                            "--port",
-                            str(APP_PORT),
-                            "--instance",
-                            f"peer{i}",
-                            "--check",
-                            "http:/",
-                            "--check-interval",
-                            "0.5",
-                            "--drain",
-                            "0.5",
-                            "--dns-listen",
-                            "127.0.0.1:53",
-                            "--upstream",
-                            "none",
-                            "--mongo-url",
-                            url,
-                        ),  # fmt: skip
-                        f"sidecar{i}",
-                    )
-                )
-            a = topo.hosts[0]
-            lines = wait_resolve(a, "_web._tcp.service.mesh", 3)
-            assert lines == [
-                f"1 100 {APP_PORT} peer{i}.web.service.mesh {h.address}"
-                for i, h in enumerate(topo.hosts)
-            ]
-            # The RFC 2782 short form, from another host's own sidecar, and A records.
-            assert len(wait_resolve(topo.hosts[2], "_web._tcp.mesh", 3)) == 3
-            assert resolve(a, "peer1.web.service.mesh", "A") == [topo.hosts[1].address]
-            # The app in A reaches every peer at the address DNS gave.
-            for line in lines:
-                address = line.split()[-1]
-                fetch = a.run(
-                    [sys.executable, "-c",
-                     "import sys,urllib.request as u;"
-                     "print(u.urlopen(f'http://{sys.argv[1]}:{sys.argv[2]}/', timeout=2).status)",
-                     address, str(APP_PORT)],
-                    check=False,
-                )  # fmt: skip
-                assert fetch.stdout.strip() == "200", fetch.stderr
-            # A peer whose sidecar is stopped drains out of everyone's DNS.
-            sidecars[2].send_signal(signal.SIGTERM)
-            assert sidecars[2].wait(timeout=15) == 0
-            lines = wait_resolve(a, "_web._tcp.service.mesh", 2)
-            assert all("peer2" not in line for line in lines)
-        except BaseException:
-            for label, log in logs:
-                log.flush()
-                tail = (tmp_path / f"{label}.log").read_text(errors="replace")[-1500:]
-                print(f"--- {label}\n{tail}")
-            raise
-        finally:
-            for proc in procs:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-            for proc in procs:
-                proc.wait(timeout=10)
-            for _, log in logs:
-                log.close()
+    with Topology(3) as topo, Processes(tmp_path) as procs:
+        registry = topo.hosts[0]
+        url = f"mongodb://{registry.address}:{DB_PORT}/mesh"
+        procs.start(registry, mesh("db", "--host", registry.address, "--port", str(DB_PORT)), "db")
+        sidecars = [
+            procs.start_web_peer(host, i, mongo_url=url, app_port=APP_PORT)
+            for i, host in enumerate(topo.hosts)
+        ]
+        a = topo.hosts[0]
+        lines = wait_resolve(a, "_web._tcp.service.mesh", 3)
+        assert lines == [
+            f"1 100 {APP_PORT} peer{i}.web.service.mesh {h.address}"
+            for i, h in enumerate(topo.hosts)
+        ]
+        # The RFC 2782 short form, from another host's own sidecar, and A records.
+        assert len(wait_resolve(topo.hosts[2], "_web._tcp.mesh", 3)) == 3
+        assert resolve(a, "peer1.web.service.mesh", "A") == [topo.hosts[1].address]
+        # The app in A reaches every peer at the address DNS gave.
+        for line in lines:
+            address = line.split()[-1]
+            fetch = a.run(
+                [sys.executable, "-c",
+                 "import sys,urllib.request as u;"
+                 "print(u.urlopen(f'http://{sys.argv[1]}:{sys.argv[2]}/', timeout=2).status)",
+                 address, str(APP_PORT)],
+                check=False,
+            )  # fmt: skip
+            assert fetch.stdout.strip() == "200", fetch.stderr
+        # A peer whose sidecar is stopped drains out of everyone's DNS.
+        sidecars[2].send_signal(signal.SIGTERM)
+        assert sidecars[2].wait(timeout=15) == 0
+        lines = wait_resolve(a, "_web._tcp.service.mesh", 2)
+        assert all("peer2" not in line for line in lines)
