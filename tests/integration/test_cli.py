@@ -114,3 +114,40 @@ def test_mesh_db_serves_the_wire_protocol(tmp_path):
         proc.terminate()
         proc.wait(10)
         proc.stdout.close()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["sidecar", "--service", "web", "--port", "8080", "--address", "127.0.0.1", "--check", "none",
+         "--dns-listen", "127.0.0.1:0", "--upstream", "none"],
+        ["lb", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--service", "web"],
+    ],
+)  # fmt: skip
+def test_registry_password_is_never_logged(args):
+    """A long-running part with an unreachable registry logs the URL with the password masked."""
+    url = "mongodb://mesh:hunter2@127.0.0.1:1/mesh?tls=false"
+    proc = subprocess.Popen([*MESH, *args, "--mongo-url", url], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "127.0.0.1:1" in line and "****" in line:
+                break
+    finally:
+        proc.terminate()
+        try:
+            rest, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rest, _ = proc.communicate()
+        lines.append(rest or "")
+    text = "".join(lines)
+    assert "mongodb://mesh:****@127.0.0.1:1/mesh" in text, text[-2000:]
+    assert "hunter2" not in text
