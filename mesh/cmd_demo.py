@@ -185,7 +185,7 @@ class View:
             served = self.traffic.served.get(p.name, 0)
             table.add_row(
                 p.name, str(p.port), "running" if p.app.alive else "[red]killed[/red]",
-                self.states.get(p.port, "-"), str(served), f"{100 * served / total:.0f} %",
+                self.states.get(p.port, "not routed"), str(served), f"{100 * served / total:.0f} %",
             )  # fmt: skip
         totals = (
             f"LB: {self.rate:,.0f} req/s  sent {self.traffic.sent}  failed {self.traffic.failed}"
