@@ -191,6 +191,20 @@ def metrics_text(server: Server, gauges: Gauges | None = None) -> str:
             sample("mesh_lb_endpoint_ejected", labels, int(c.detector.is_ejected(st.endpoint.key)))
     family("mesh_lb_active_connections", "gauge", "Open client connections.")
     sample("mesh_lb_active_connections", {}, len(server.connections))
+    family("mesh_lb_client_connections", "gauge", "Open client connections (as above).")
+    sample("mesh_lb_client_connections", {}, len(server.connections))
+    family(
+        "mesh_lb_connections_refused_total",
+        "counter",
+        "Client connections closed at once: --max-connections were open.",
+    )
+    sample("mesh_lb_connections_refused_total", {}, server.stats.connections_refused)
+    family(
+        "mesh_lb_header_timeouts_total",
+        "counter",
+        "Client connections answered 408: the request head took longer than --header-timeout.",
+    )
+    sample("mesh_lb_header_timeouts_total", {}, server.stats.header_timeouts)
     family("mesh_lb_connections_total", "counter", "Client connections accepted.")
     sample("mesh_lb_connections_total", {}, server.stats.connections_total)
     family("mesh_lb_upgrades_total", "counter", "Connections upgraded (WebSocket) and tunnelled.")

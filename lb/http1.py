@@ -146,7 +146,7 @@ class RequestReader:
         "_pending",
         "_head_bytes",
         "_fed",
-        "_in_head",
+        "in_head",
         "_line_done",
         "_wanted",
     )
@@ -158,7 +158,7 @@ class RequestReader:
         self._pending = RequestHead()
         self._head_bytes = 0  # request line and fields parsed so far
         self._fed = 0  # bytes fed while a head was incomplete (a field may be half-parsed)
-        self._in_head = False
+        self.in_head = False  # a head has begun and not ended
         self._line_done = False
 
     def feed(self, data: bytes) -> int | None:
@@ -176,7 +176,7 @@ class RequestReader:
             # coding we do not implement, so 501 as for any other.
             status = 501 if "Invalid `Transfer-Encoding`" in str(exc) else 400
             raise BadRequest(status, str(exc)) from None
-        if self._in_head:
+        if self.in_head:
             # A head still incomplete after this read: bound what it may still grow to.
             if not self._line_done and b"\n" in data:
                 self._line_done = True  # the request line ended; a field is in progress
@@ -190,7 +190,7 @@ class RequestReader:
     # httptools callbacks
 
     def on_message_begin(self) -> None:
-        self._in_head = True
+        self.in_head = True
         self._line_done = False
         self._head_bytes = self._fed = 0
         self._pending = RequestHead()
@@ -203,7 +203,7 @@ class RequestReader:
             raise BadRequest(414, "request line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
+        if not self.in_head:
             return  # a chunked trailer: dropped (not forwarded)
         head = self._pending
         self._line_done = True
@@ -259,7 +259,7 @@ class RequestReader:
         head.keep_alive = p.should_keep_alive()
         if head.upgrade is not None and b"upgrade" not in head.connection_tokens:
             head.upgrade = None  # RFC 9110 §7.8: Upgrade counts only when Connection names it
-        self._in_head = False
+        self.in_head = False
         self._sink.on_request(head)
 
     def on_body(self, data: bytes) -> None:

@@ -529,6 +529,9 @@ class Downstream(asyncio.Protocol):
         self.tunnel: Upstream | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self.idle_since = 0.0
+        # When the head being read began (time.monotonic()); 0 = none in progress. The
+        # server's sweep answers 408 to a head that takes longer than its header timeout.
+        self.head_since = 0.0
         self.busy = False
         # The exchange in flight on the fast path.
         self._x: _Exchange | None = None
@@ -540,10 +543,18 @@ class Downstream(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        server = self.server
+        if len(server.connections) >= server.max_connections:
+            # Over the limit: close at once, before any state is kept for it.
+            server.stats.connections_refused += 1
+            self.closed = True
+            transport.abort()
+            return
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
         self.client_ip_bytes = self.client_ip.encode()
-        self.server.connection_opened(self)
+        server.connection_opened(self)
+        self.head_since = time.monotonic()  # the first head is timed from the connection's start
         self._arm_idle()
 
     def connection_lost(self, exc) -> None:
@@ -574,11 +585,14 @@ class Downstream(asyncio.Protocol):
             else:
                 cur.tunnel_data += data
             return
+        reader = self.reader
         try:
-            offset = self.reader.feed(data)
+            offset = reader.feed(data)
         except http1.BadRequest as exc:
             self._reject(exc.status)
             return
+        if reader.in_head and not self.head_since:
+            self.head_since = time.monotonic()  # a later request's head began in this read
         if offset is not None:
             # The head of an Upgrade request ended: the rest is the new protocol's.
             req = self.queue[-1] if self.queue else self.current
@@ -606,6 +620,7 @@ class Downstream(asyncio.Protocol):
     # Parser sink
 
     def on_request(self, head: http1.RequestHead) -> None:
+        self.head_since = 0.0
         req = Request(head)
         if head.upgrade is not None:
             req.ended = False
@@ -673,6 +688,14 @@ class Downstream(asyncio.Protocol):
                 self.close()
                 return
         self._idle_timer = self.loop.call_later(left, self._on_idle_timeout)
+
+    def header_timeout(self) -> None:
+        """Called by the server's sweep: the head did not arrive in time. 408, close."""
+        self.head_since = 0.0
+        self.server.count_local(408)
+        _write(self.transport, http1.error_response(408))
+        self.keep_alive = False
+        self.close()
 
     # Closing
 

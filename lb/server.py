@@ -20,6 +20,16 @@ MAINTAIN_INTERVAL = 1.0  # ejection ends and idle-pool expiry are checked this o
 # per request (a timer costs about as much as routing the request). Timeouts fire up to
 # this late.
 DEADLINE_TICK = 0.05
+# A request head must be complete this long after the connection opened (first request) or
+# after its first byte (later requests on a keep-alive connection; the wait between
+# requests is the idle timeout's). nginx client_header_timeout 60 s from the connection's
+# start, HAProxy timeout http-request, Envoy request_headers_timeout from the first byte.
+# Shorter than nginx's: a slow-header client holds a connection slot and a file.
+HEADER_TIMEOUT = 10.0
+# Open client connections past which a new one is closed at once; below the usual
+# 20000-file limit with room for upstream connections (nginx worker_connections 512,
+# HAProxy maxconn from the file limit, Envoy's overload manager max connections).
+MAX_CONNECTIONS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +55,8 @@ def _host_only(host: bytes) -> bytes:
 class ServerStats:
     def __init__(self) -> None:
         self.connections_total = 0
+        self.connections_refused = 0  # closed at once: over max_connections
+        self.header_timeouts = 0
         self.upgrades = 0
         self.local: dict[int, int] = {}
 
@@ -57,6 +69,8 @@ class Server:
         routes: Sequence[Route],
         *,
         idle_timeout: float = 60.0,
+        header_timeout: float = HEADER_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
         access_log: bool = False,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
@@ -70,6 +84,8 @@ class Server:
             else None
         )
         self.idle_timeout = idle_timeout
+        self.header_timeout = header_timeout  # 0 = none
+        self.max_connections = max_connections
         self.access_log = access_log  # one INFO line per request (costs CPU per request)
         # Request fields the parser keeps for hash keys (every cluster's header sources).
         wanted = set()
@@ -129,12 +145,18 @@ class Server:
                 self._tasks.append(self.loop.create_task(_health_loop(cluster)))
 
     async def _deadlines(self) -> None:
+        """Every DEADLINE_TICK: exchanges past their deadline, heads past the header timeout."""
         while True:
             await asyncio.sleep(DEADLINE_TICK)
             now = time.monotonic()
+            # A head that began before ``late`` is overdue (never true when there is no limit).
+            late = now - self.header_timeout if self.header_timeout > 0 else 0.0
             for conn in list(self.connections):
                 if conn.busy:
                     conn.check_deadline(now)
+                elif 0.0 < conn.head_since <= late:
+                    self.stats.header_timeouts += 1
+                    conn.header_timeout()
 
     async def _maintain(self) -> None:
         next_sweep = {id(c): time.monotonic() + c.config.outlier.interval for c in self.clusters}

@@ -12,6 +12,7 @@ import asyncio
 import gc
 import logging
 import os
+import resource
 import signal
 import sys
 from typing import Any
@@ -23,7 +24,7 @@ from lb.hashing import HashSource
 from lb.health import HealthConfig
 from lb.outlier import OutlierConfig
 from lb.ring import MAGLEV_TABLE_SIZE, _is_prime
-from lb.server import Route, Server, bind
+from lb.server import HEADER_TIMEOUT, MAX_CONNECTIONS, Route, Server, bind
 from mesh.cli import Command
 from mesh.config import (
     ConfigError,
@@ -120,6 +121,8 @@ OPTIONS = (
     Option("connect-timeout", _seconds(0.01, 600), 2.0, "upstream connect timeout, seconds"),
     Option("request-timeout", _seconds(0.01, 86400), 30.0, "whole upstream response timeout, seconds"),
     Option("idle-timeout", _seconds(0, 86400), 60.0, "client keep-alive idle timeout, seconds (0: none)"),
+    Option("header-timeout", _seconds(0, 3600), HEADER_TIMEOUT, "a request head must be complete this long after the connection opens (later requests: after their first byte), else 408; seconds (0: none)"),
+    Option("max-connections", integer(1, 10_000_000), MAX_CONNECTIONS, "open client connections past which new ones are closed at once"),
     Option("pool-max-idle", integer(0, 100_000), 64, "idle upstream connections kept per endpoint"),
     Option("pool-idle-timeout", _seconds(0.1, 86400), 30.0, "idle upstream connections expire after this, seconds"),
     Option("drain-timeout", _seconds(0, 3600), 30.0, "on SIGTERM, how long requests in flight may take"),
@@ -305,7 +308,14 @@ async def _main(values, p: Plan, socks, admin_sock, worker: int, children: list[
             service_clusters.append((service, cluster))
         else:
             await cluster.set_endpoints(eps)
-    server = Server(routes, idle_timeout=values["idle_timeout"], access_log=values["access_log"])
+    server = Server(
+        routes,
+        idle_timeout=values["idle_timeout"],
+        header_timeout=values["header_timeout"],
+        max_connections=values["max_connections"],
+        access_log=values["access_log"],
+    )
+    _check_files(values["max_connections"])
     store = feed = None
     feed_task = None
     if service_clusters:
@@ -373,6 +383,26 @@ async def _main(values, p: Plan, socks, admin_sock, worker: int, children: list[
     for pid in children:
         await asyncio.to_thread(_reap, pid)
     return 0
+
+
+def _check_files(max_connections: int) -> None:
+    """Raise the open-file limit to its hard cap, and say when --max-connections cannot fit
+    in it (each client connection may hold an upstream one too): past the limit, accepts
+    fail with EMFILE and the loop retries them later instead of serving."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and max_connections * 2 + 64 > soft:
+        log.warning(
+            "open-file limit %d is low for --max-connections %d (each may hold an upstream"
+            " connection too): past it, new connections wait in the listen queue",
+            soft,
+            max_connections,
+        )
 
 
 def _reap(pid: int) -> None:

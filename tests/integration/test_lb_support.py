@@ -158,13 +158,14 @@ async def lb_in_process(
 ):
     outlier = cfg.pop("outlier", None) or OutlierConfig(latency_factor=0)
     idle_timeout = cfg.pop("idle_timeout", 60.0)
+    limits = {k: cfg.pop(k) for k in ("header_timeout", "max_connections") if k in cfg}
     config = ClusterConfig(
         hash_on=tuple(HashSource.parse(h) for h in hash_on), outlier=outlier, **cfg
     )
     cluster = Cluster(config)
     eps = [b if isinstance(b, Endpoint) else b.endpoint for b in bs]
     await cluster.set_endpoints(EndpointSet.of(eps))
-    server = Server([Route(cluster)], idle_timeout=idle_timeout)
+    server = Server([Route(cluster)], idle_timeout=idle_timeout, **limits)
     host, port = await server.listen(bind("127.0.0.1", 0))
     server.start()
     try:
@@ -231,9 +232,12 @@ _LISTEN = re.compile(r"listening (http|admin)=(\S+):(\d+)")
 class LBProcess:
     """``mesh lb`` as a child process; ``start()`` waits for its ``listening`` lines."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+    ) -> None:
         self.args = args
         self.env = env
+        self.prefix = prefix  # a command to run it under (e.g. prlimit)
         self.proc: asyncio.subprocess.Process | None = None
         self.http_port = 0
         self.admin_port = 0
@@ -251,7 +255,7 @@ class LBProcess:
     async def start(self, timeout: float = 20.0) -> LBProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mesh", "lb", "--listen", "127.0.0.1:0",
+            *self.prefix, sys.executable, "-m", "mesh", "lb", "--listen", "127.0.0.1:0",
             "--admin", "127.0.0.1:0", *self.args,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=REPO, env=env,
         )  # fmt: skip
