@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
+import random
 import socket
+import time
 from dataclasses import dataclass, field
 
 import httptools
 import pytest
 
 from lb.endpoints import Endpoint
-from tests.integration.test_lb_support import lb_in_process, read_response
+from tests.integration.test_lb_support import LBProcess, backends, lb_in_process, read_response
 
 # A raw-socket upstream that records bytes
 
@@ -397,3 +401,180 @@ async def test_smuggling_corpus_split_after_the_head(data, status):
         await asyncio.sleep(0.05)
         assert statuses(out) == [status], out[:300]
         assert not any(r.complete for r in rec.requests), bytes(rec.raw[:300])
+
+
+# Random and mutated bytes
+
+NORMAL = [
+    req(b"GET /f?q=1 HTTP/1.1\nHost: a\nX-User: u1\nCookie: sid=1\n"),
+    req(b"POST /f HTTP/1.1\nHost: a\nContent-Length: 5\n", b"hello"),
+    req(b"POST /f HTTP/1.1\nHost: a\nTransfer-Encoding: chunked\n", CHUNKED_HELLO),
+    req(b"GET /ws HTTP/1.1\nHost: a\nConnection: Upgrade\nUpgrade: websocket\n"),
+    req(b"POST /f HTTP/1.1\nHost: a\nExpect: 100-continue\nContent-Length: 5\n", b"hello"),
+    req(b"GET /f HTTP/1.0\n"),
+    req(b"GET /a HTTP/1.1\nHost: a\n") + req(b"GET /b HTTP/1.1\nHost: a\n"),
+]
+SEEDS = NORMAL + [c[1] for c in REJECTED] + [c.data for c in ACCEPTED]
+SPECIAL = [b"\r", b"\n", b"\r\n", b":", b" ", b"\t", b"\x00", b",", b";", b"0", b"f" * 20, b"\xff"]
+
+
+def mutate(rng: random.Random, data: bytes) -> bytes:
+    """One to four random edits of a seed request."""
+    b = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        op = rng.randrange(7)
+        i = rng.randrange(len(b) + 1)
+        if op == 0 and b:  # flip a byte
+            b[min(i, len(b) - 1)] = rng.randrange(256)
+        elif op == 1:  # insert a byte that means something to HTTP
+            b[i:i] = rng.choice(SPECIAL)
+        elif op == 2:  # delete a slice
+            del b[i : i + rng.randint(1, 16)]
+        elif op == 3:  # repeat a slice (duplicated fields, doubled framing)
+            j = rng.randrange(len(b) + 1)
+            lo, hi = min(i, j), max(i, j)
+            b[hi:hi] = b[lo:hi][:4096]
+        elif op == 4:  # splice another seed in
+            other = rng.choice(SEEDS)
+            b[i:] = other[rng.randrange(len(other) + 1) :]
+        elif op == 5:  # truncate
+            del b[i:]
+        else:  # random bytes in the middle
+            b[i:i] = rng.randbytes(rng.randint(1, 64))
+    return bytes(b)
+
+
+def fuzz_input(rng: random.Random) -> bytes:
+    if rng.random() < 0.25:
+        return rng.randbytes(rng.randint(1, 2048))
+    return mutate(rng, rng.choice(SEEDS))
+
+
+@dataclass
+class FuzzRun:
+    connections: int = 0
+    bytes_sent: int = 0
+    answered: int = 0  # got at least one response
+    hung: list[bytes] = field(default_factory=list)  # not closed by the LB in time
+    malformed: list[bytes] = field(default_factory=list)  # a reply that is not HTTP
+
+
+async def fuzz(port: int, n: int, *, seed: int, concurrency: int = 50) -> FuzzRun:
+    """``n`` connections, each sent a fuzz input in one to three writes and half-closed."""
+    rng = random.Random(seed)
+    run = FuzzRun()
+    inputs = [fuzz_input(rng) for _ in range(n)]
+    splits = [sorted(rng.randrange(len(d) + 1) for _ in range(rng.randint(0, 2))) for d in inputs]
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(data: bytes, cuts: list[int]) -> None:
+        async with sem:
+            run.connections += 1
+            run.bytes_sent += len(data)
+            out = b""
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                last = 0
+                for cut in [*cuts, len(data)]:
+                    writer.write(data[last:cut])
+                    await writer.drain()
+                    last = cut
+                writer.write_eof()
+                async with asyncio.timeout(8):
+                    while chunk := await reader.read(65536):
+                        out += chunk
+            except TimeoutError:
+                run.hung.append(data)
+            except OSError:
+                pass  # the LB reset it (ECONNRESET, ENOTCONN): a refusal is an answer
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+            if out:
+                run.answered += 1
+                if not out.startswith((b"HTTP/1.1 ", b"HTTP/1.0 ")):
+                    run.malformed.append(data)
+
+    await asyncio.gather(*(one(d, c) for d, c in zip(inputs, splits, strict=True)))
+    return run
+
+
+def _lb_tasks() -> list[asyncio.Task]:
+    """Tasks running the LB's own code (the LB's background loops and request tasks)."""
+    out = []
+    for t in asyncio.all_tasks():
+        code = getattr(t.get_coro(), "cr_code", None)
+        if code is not None and f"{os.sep}lb{os.sep}" in code.co_filename:
+            out.append(t)
+    return out
+
+
+async def _get_ok(port: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(req(b"GET /after HTTP/1.1\nHost: a\nConnection: close\n"))
+    async with asyncio.timeout(5):
+        status, _, _ = await read_response(reader)
+    writer.close()
+    assert status == 200
+
+
+FUZZ_CONNECTIONS = 5000  # per loop: 10,000 over the two loops
+
+
+async def test_fuzz_in_process_no_crash_no_leaked_task(caplog):
+    caplog.set_level(logging.ERROR)
+    async with backends(2) as bs, lb_in_process(bs, request_timeout=2.0) as lb:
+        await _get_ok(lb.port)
+        baseline = {t.get_coro().__qualname__ for t in _lb_tasks()}
+        assert baseline == {"Server._maintain", "Server._deadlines"}
+        t0 = time.monotonic()
+        run = await fuzz(lb.port, FUZZ_CONNECTIONS, seed=7)
+        took = time.monotonic() - t0
+        await _get_ok(lb.port)
+        await settled(lb)
+        async with asyncio.timeout(5):
+            while len(_lb_tasks()) > len(baseline):
+                await asyncio.sleep(0.02)
+        print(
+            f"fuzz: {run.connections} connections, {run.bytes_sent} bytes, {run.answered}"
+            f" answered, {len(run.hung)} hung, in {took:.1f} s; local answers"
+            f" {dict(sorted(lb.server.stats.local.items()))}"
+        )
+        assert run.hung == [] and run.malformed == []
+        assert {t.get_coro().__qualname__ for t in _lb_tasks()} == baseline
+        assert all(st.active == 0 for st in lb.cluster.view.states)
+        errors = [r for r in caplog.records if r.name.startswith(("lb", "mesh"))]
+        assert errors == [], errors[0].getMessage()
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.one_loop
+async def test_fuzz_lb_process_keeps_serving_and_memory_flat():
+    async with (
+        backends(2) as bs,
+        LBProcess("--endpoints", ",".join(b.key for b in bs), "--request-timeout", "2") as lb,
+    ):
+        await _get_ok(lb.http_port)
+        warm = await fuzz(lb.http_port, 1000, seed=11)  # caches and free lists fill up
+        before = _rss_kib(lb.proc.pid)
+        run = await fuzz(lb.http_port, 5000, seed=12)
+        await _get_ok(lb.http_port)
+        after = _rss_kib(lb.proc.pid)
+        grew_mib = (after - before) / 1024
+        print(
+            f"fuzz (process): {warm.connections + run.connections} connections,"
+            f" {warm.bytes_sent + run.bytes_sent} bytes; RSS {before // 1024} → {after // 1024} MiB"
+        )
+        assert lb.proc.returncode is None
+        assert run.hung == [] and run.malformed == []
+        assert grew_mib < 4, f"RSS grew {grew_mib:.1f} MiB over 5,000 fuzz connections"
+        assert not any("Traceback" in line for line in lb.log), "".join(lb.log)
+    assert lb.proc.returncode == 0
