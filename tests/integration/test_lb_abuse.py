@@ -578,3 +578,129 @@ async def test_fuzz_lb_process_keeps_serving_and_memory_flat():
         assert grew_mib < 4, f"RSS grew {grew_mib:.1f} MiB over 5,000 fuzz connections"
         assert not any("Traceback" in line for line in lb.log), "".join(lb.log)
     assert lb.proc.returncode == 0
+
+
+# Slow clients
+
+
+async def _timed_gets(port: int, n: int, *, workers: int = 4, gap: float = 0.025) -> list[float]:
+    """``n`` GETs, each on a new connection (where slow clients would hurt: accepting and
+    holding connections), ``workers`` at a time; returns each one's latency. Any failure
+    raises."""
+    latencies: list[float] = []
+    per_worker = n // workers
+
+    async def worker(w: int) -> None:
+        for i in range(per_worker):
+            t0 = time.perf_counter()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /n%d-%d HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" % (w, i))
+            async with asyncio.timeout(10):
+                status, _, _ = await read_response(reader)
+            latencies.append(time.perf_counter() - t0)
+            writer.close()
+            assert status == 200
+            await asyncio.sleep(gap)
+
+    await asyncio.gather(*(worker(w) for w in range(workers)))
+    return latencies
+
+
+def _p99(values: list[float]) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * 0.99))]
+
+
+async def _metrics(admin: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    reader, writer = await asyncio.open_connection(*admin.removeprefix("http://").split(":"))
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    async with asyncio.timeout(5):
+        raw = await reader.read(-1)
+    writer.close()
+    text = raw.partition(b"\r\n\r\n")[2].decode()
+    return {
+        s.name: s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if not s.labels
+    }
+
+
+SLOWLORIS = 1000
+SLOW_HEAD = b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: " + b"s" * 64
+
+
+@pytest.mark.slow
+@pytest.mark.one_loop
+async def test_slowloris_does_not_slow_normal_clients_and_is_closed_by_header_timeout():
+    """1,000 connections sending one header byte every 2 s: normal clients' p99 stays within
+    2× of the unloaded run, and the header timeout (5 s) answers each slow one 408."""
+    from tests.integration.test_lb_support import BackendProcess
+
+    loop = asyncio.get_running_loop()
+    procs = [await BackendProcess(f"p{i}").start() for i in range(2)]
+    slow: list[socket.socket] = []
+    try:
+        eps = ",".join(p.key for p in procs)
+        async with LBProcess("--endpoints", eps, "--header-timeout", "5") as lb:
+            await _timed_gets(lb.http_port, 40)  # warm: upstream pools, caches
+            unloaded = await _timed_gets(lb.http_port, 400)
+            for _ in range(SLOWLORIS):
+                s = socket.socket()
+                s.setblocking(False)
+                await loop.sock_connect(s, ("127.0.0.1", lb.http_port))
+                slow.append(s)
+            opened = time.monotonic()
+
+            async def drip() -> None:
+                for i in range(len(SLOW_HEAD)):
+                    for s in slow:
+                        with contextlib.suppress(OSError):
+                            s.send(SLOW_HEAD[i : i + 1])
+                    await asyncio.sleep(2.0)
+
+            dripper = asyncio.create_task(drip())
+            try:
+                m = await _metrics(lb.admin)
+                assert m["mesh_lb_client_connections"] >= SLOWLORIS
+                loaded = await _timed_gets(lb.http_port, 400)
+                measured_for = time.monotonic() - opened
+                m = await _metrics(lb.admin)
+                assert m["mesh_lb_header_timeouts_total"] == 0  # all still open while measured
+
+                async def answer(s: socket.socket) -> bytes:
+                    try:
+                        async with asyncio.timeout(10):
+                            out = b""
+                            while chunk := await loop.sock_recv(s, 4096):
+                                out += chunk
+                            return out
+                    except (TimeoutError, OSError):
+                        return b""
+
+                answers = await asyncio.gather(*(answer(s) for s in slow))
+                closed_after = time.monotonic() - opened
+            finally:
+                dripper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await dripper
+            m = await _metrics(lb.admin)
+            closed_408 = sum(a.startswith(b"HTTP/1.1 408 ") for a in answers)
+            u, l99 = _p99(unloaded), _p99(loaded)
+            print(
+                f"slowloris: {SLOWLORIS} held, {closed_408} closed with 408 after"
+                f" {closed_after:.1f} s; normal clients p99 {u * 1000:.2f} ms unloaded,"
+                f" {l99 * 1000:.2f} ms loaded ({len(loaded)} requests in {measured_for:.1f} s)"
+            )
+            assert closed_408 == SLOWLORIS
+            assert m["mesh_lb_header_timeouts_total"] == SLOWLORIS
+            assert m["mesh_lb_client_connections"] <= 1
+            assert l99 <= 2 * u, f"p99 {l99 * 1000:.2f} ms loaded vs {u * 1000:.2f} ms unloaded"
+            await _timed_gets(lb.http_port, 20)
+    finally:
+        for s in slow:
+            s.close()
+        for p in procs:
+            await p.kill()
