@@ -704,3 +704,69 @@ async def test_slowloris_does_not_slow_normal_clients_and_is_closed_by_header_ti
             s.close()
         for p in procs:
             await p.kill()
+
+
+# Misframed responses from an upstream
+
+POISON = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON"
+# (id, the upstream's answer to the first request, what the first client gets)
+RESPONSES = [
+    ("extra-response-same-write", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + POISON, 200),
+    ("extra-bytes-after-body", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokPOISON", 200),
+    ("body-on-204", b"HTTP/1.1 204 No Content\r\nContent-Length: 6\r\n\r\nPOISON", 204),
+    ("interim-100-then-200", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 200),
+    ("cl-te", b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n" + POISON, 502),
+    ("two-cl", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 8\r\n\r\nokPOISON", 502),
+    ("te-identity-cl", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nContent-Length: 2\r\n\r\nokPOISON", 502),
+    ("cl-plus-sign", b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nokPOISON", 502),
+    ("nul-in-field", b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nok", 502),
+    ("bare-lf", b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", 502),
+    ("not-http", b"NOT HTTP AT ALL\r\n\r\n", 502),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"), [c[1:] for c in RESPONSES], ids=[c[0] for c in RESPONSES]
+)
+async def test_misframed_response_never_poisons_the_next_client(answer, status):
+    """The first request gets the upstream's misframed answer (or 502 for one that cannot be
+    framed); whatever followed it on that connection never reaches anyone: the next client
+    gets its own clean response."""
+    first = True
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal first, connections
+        connections += 1
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(
+                    answer if first else b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nclean"
+                )
+                first = False
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    srv = await asyncio.start_server(handle, sock=socket.create_server(("127.0.0.1", 0)))
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        async with lb_in_process([Endpoint("127.0.0.1", port)], retries=0, hash_on=()) as lb:
+            out = await exchange(lb.port, req(b"GET /1 HTTP/1.1\nHost: a\n"))
+            assert statuses(out) == [status], out
+            assert b"POISON" not in out
+            for i in range(3):
+                reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+                writer.write(req(b"GET /%d HTTP/1.1\nHost: a\n" % (i + 2)))
+                async with asyncio.timeout(5):
+                    got = await read_response(reader)
+                writer.close()
+                assert got[0] == 200 and got[2] == b"clean"
+            # A connection that carried a bad answer or stray bytes is not pooled; a
+            # well-framed one is.
+            assert connections == (1 if status == 200 and b"POISON" not in answer else 2)
+    finally:
+        srv.close()
+        await srv.wait_closed()
