@@ -156,6 +156,9 @@ class Cluster:
         self.panic = False
         self.hashed = config.policy in HASHED
         self.needs_active = config.policy == "least_request" or bool(config.balance_factor)
+        # The first hash source when it is a header: looked up without the general extractor.
+        first = config.hash_on[0] if config.hash_on else None
+        self.hash_header = first.name if first is not None and first.kind == "header" else None
         self._states: dict[str, EndpointState] = {}
         self._zeros: list[int] = []
         self._weights: list[int] | None = None

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import socket
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -27,6 +28,7 @@ import httptools
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
 from lb import http1
+from lb.cluster import LATENCY_BUCKETS
 from lb.hashing import extract
 from lb.outlier import Outcome
 from lb.retry import RETRY_STATUSES, should_retry
@@ -42,6 +44,10 @@ access_log = logging.getLogger("mesh.lb.access")
 REPLAY_MAX_BYTES = 64 * 1024  # request body kept for a retry; larger bodies are not retried
 BODY_BUFFER_BYTES = 256 * 1024  # request body buffered before an upstream is attached
 RETRY_AFTER = (b"Retry-After: 1",)
+# Hash keys seen recently and their hashes: most keys (users, sessions) come back often,
+# and a dict lookup costs a fraction of an MD5. Cleared whole when full.
+HASH_CACHE_ENTRIES = 65536
+_key_hashes: dict[bytes, int] = {}
 
 
 def _write(transport: asyncio.Transport | None, data: bytes) -> None:
@@ -108,7 +114,7 @@ class Upstream(asyncio.Protocol):
         "reason",
         "resp_lines",
         "te_chunked",
-        "conn_tokens",
+        "conn_extra",
         "upgrade_value",
         "via",
         "started",
@@ -153,7 +159,7 @@ class Upstream(asyncio.Protocol):
         self.resp_lines: list[bytes] = []
         self.content_length: int | None = None
         self.te_chunked = False
-        self.conn_tokens: frozenset[bytes] = frozenset()
+        self.conn_extra: frozenset[bytes] = _NO_TOKENS  # fields Connection names
         self.upgrade_value = b""
         self.via = b""
 
@@ -402,19 +408,23 @@ class Upstream(asyncio.Protocol):
         # fields are noted and dropped (RFC 9110 §7.6.1).
         if self.status:
             return  # a trailer: dropped
-        lname = name.lower()
-        if lname in _RESP_SPECIAL:
-            if lname == b"content-length":
-                self.content_length = int(value) if value.isdigit() else None
-            elif lname == b"transfer-encoding":
-                self.te_chunked = True
-            elif lname == b"connection":
-                self.conn_tokens = frozenset(t.strip().lower() for t in value.split(b","))
-            elif lname == b"upgrade":
-                self.upgrade_value = value
-            elif lname == b"via":
-                self.via = value + b", "
-            return
+        # Most fields pass through; only names as long as a special one are looked at.
+        if len(name) in _RESP_SPECIAL_LENGTHS:
+            lname = name.lower()
+            if lname in _RESP_SPECIAL:
+                if lname == b"content-length":
+                    self.content_length = int(value) if value.isdigit() else None
+                elif lname == b"transfer-encoding":
+                    self.te_chunked = True
+                elif lname == b"connection":
+                    if value.lower() not in http1.CONNECTION_PLAIN:
+                        tokens = frozenset(t.strip().lower() for t in value.split(b","))
+                        self.conn_extra = tokens - http1.CONNECTION_PLAIN
+                elif lname == b"upgrade":
+                    self.upgrade_value = value
+                elif lname == b"via":
+                    self.via = value + b", "
+                return
         self.resp_lines += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
@@ -446,9 +456,8 @@ class Upstream(asyncio.Protocol):
         self.chunked_out = chunked_out
         self.keep_alive_out = keep
         lines = self.resp_lines
-        extra = self.conn_tokens - http1.CONNECTION_PLAIN
-        if extra:
-            lines = http1.drop_named(lines, extra)
+        if self.conn_extra:
+            lines = http1.drop_named(lines, self.conn_extra)
         head = [
             b"HTTP/1.1 " if client_version == "1.1" else b"HTTP/1.0 ",
             b"%d " % status,
@@ -495,6 +504,8 @@ class Upstream(asyncio.Protocol):
 
 
 _RESP_SPECIAL = http1.HOP_BY_HOP | {b"content-length", b"via"}
+_RESP_SPECIAL_LENGTHS = frozenset(map(len, _RESP_SPECIAL))
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 
 # Downstream connection
@@ -742,9 +753,10 @@ class Downstream(asyncio.Protocol):
 
     def _start(self, req: Request) -> None:
         head = req.head
-        if self.server.access_log:
+        server = self.server
+        if server.access_log:
             req.t0 = time.monotonic()
-        cluster = self.server.route(head)
+        cluster = server.single or server.route(head)
         if cluster is None:
             self._local(req, 404)
             self._done(req)
@@ -752,13 +764,25 @@ class Downstream(asyncio.Protocol):
         cfg = cluster.config
         key_hash = None
         if cluster.hashed:
-            found = None
-            if cfg.hash_on:
+            key = None
+            name = cluster.hash_header
+            if name is not None:  # the common case, without the general extractor
+                for hname, value in head.picked:
+                    if hname == name and value:
+                        key = value
+                        break
+            if key is None and cfg.hash_on:
                 found = extract(
                     cfg.hash_on, headers=head.picked, url=head.url, client_ip=self.client_ip
                 )
-            if found is not None:
-                key_hash = hash_key(found[1])
+                if found is not None:
+                    key = found[1]
+            if key is not None:
+                key_hash = _key_hashes.get(key)
+                if key_hash is None:
+                    if len(_key_hashes) >= HASH_CACHE_ENTRIES:
+                        _key_hashes.clear()
+                    key_hash = _key_hashes[key] = hash_key(key)
             else:
                 cluster.stats.random_picks += 1
         tries = 1 + cfg.retries
@@ -778,10 +802,6 @@ class Downstream(asyncio.Protocol):
             return
         # Fast path: an idle connection to the home endpoint. No task, no future.
         x.attempt = 1
-        self._begin(x, state, up, now)
-
-    def _begin(self, x: _Exchange, state: EndpointState, up: Upstream, now: float) -> None:
-        cfg = x.cluster.config
         x.state = state
         x.up = up
         x.t0 = now
@@ -789,15 +809,14 @@ class Downstream(asyncio.Protocol):
         state.requests += 1
         self.upstream = up
         self._x = x
-        if self.server.access_log:
-            x.req.endpoint = state.endpoint.key
+        if server.access_log:
+            req.endpoint = state.endpoint.key
         # No timer per request: the server's deadline sweep (every DEADLINE_TICK) checks
         # ``try_deadline`` of the exchanges in flight.
-        x.try_deadline = (
-            min(x.deadline, now + cfg.per_try_timeout) if cfg.per_try_timeout else x.deadline
-        )
-        discard = x.attempt < x.n_tries and x.req.head.method in _IDEMPOTENT
-        up.start(self, x.req, self._fast_done, discard_5xx=discard)
+        if cfg.per_try_timeout:
+            x.try_deadline = min(x.deadline, now + cfg.per_try_timeout)
+        discard = x.n_tries > 1 and head.method in _IDEMPOTENT
+        up.start(self, req, self._fast_done, discard_5xx=discard)
 
     def check_deadline(self, now: float) -> None:
         """Called by the server's sweep: time out the exchange in flight if it is late."""
@@ -838,18 +857,18 @@ class Downstream(asyncio.Protocol):
         up = x.up
         state = x.state
         state.active -= 1
-        cfg = x.cluster.config
+        now = time.monotonic()
         if outcome is Outcome.TIMEOUT:
             up.abort()
             if up.started:
                 self.abort()
         elif up.reusable and up.done is None and not up.upgraded:
-            state.put_idle(up, time.monotonic(), cfg.pool_max_idle)
+            state.put_idle(up, now, x.cluster.config.pool_max_idle)
         elif not up.upgraded:
             up.close()
-        if up.status and outcome is Outcome.OK:
+        if outcome is Outcome.OK and up.status >= 500:
             outcome = Outcome.from_status(up.status)
-        return self._record(x.cluster, state, outcome, x.t0, up)
+        return self._record(x.cluster, state, outcome, x.t0, up, now)
 
     def _spawn(self, x: _Exchange, tried: int) -> None:
         self.loop.create_task(self._slow(x, tried))
@@ -1013,16 +1032,21 @@ class Downstream(asyncio.Protocol):
         outcome: Outcome,
         t0: float,
         up: Upstream | None = None,
+        now: float = 0.0,
     ) -> Outcome:
-        now = time.monotonic()
+        if not now:
+            now = time.monotonic()
         latency = None
-        stats = cluster.stats
-        if up is not None and up.status:
+        status = up.status if up is not None else 0
+        if status:
+            stats = cluster.stats
             latency = (up.first_byte or now) - t0
-            stats.observe(latency)
+            stats.latency_counts[bisect_left(LATENCY_BUCKETS, latency)] += 1  # stats.observe
+            stats.latency_sum += latency
+            stats.latency_n += 1
             if up.started:
-                stats.responses[_CLASS[up.status // 100]] += 1
-            if up.status >= 500:
+                stats.responses[_CLASS[status // 100]] += 1
+            if status >= 500:
                 state.responses_5xx += 1
         if outcome is not Outcome.OK:
             if self.closed and outcome is Outcome.RESET:

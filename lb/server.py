@@ -78,7 +78,7 @@ class Server:
         # Most specific first: a host before any host, a longer prefix before a shorter.
         self.routes = sorted(routes, key=lambda r: (not r.host, -len(r.prefix)))
         self.clusters = list(dict.fromkeys(r.cluster for r in routes))
-        self._single = (
+        self.single = (
             self.routes[0].cluster
             if len(self.routes) == 1 and not self.routes[0].host and self.routes[0].prefix == b"/"
             else None
@@ -108,8 +108,8 @@ class Server:
         return f"<Server listeners={len(self.servers)} connections={len(self.connections)} draining={self.draining}>"
 
     def route(self, head: http1.RequestHead) -> Cluster | None:
-        if self._single is not None:
-            return self._single
+        if self.single is not None:
+            return self.single
         host = _host_only(head.host)
         for r in self.routes:
             if r.matches(host, head.url):
