@@ -149,11 +149,14 @@ class RequestReader:
         "in_head",
         "_line_done",
         "_wanted",
+        "_lengths",
     )
 
     def __init__(self, sink, wanted: frozenset[bytes] = frozenset()) -> None:
         self._sink = sink
         self._wanted = wanted
+        # Lengths of the names looked at; other fields are forwarded without lower-casing.
+        self._lengths = frozenset(map(len, _REQ_SPECIAL | wanted))
         self._parser = httptools.HttpRequestParser(self)
         self._pending = RequestHead()
         self._head_bytes = 0  # request line and fields parsed so far
@@ -213,6 +216,9 @@ class RequestReader:
         head.n_headers += 1
         if head.n_headers > MAX_HEADERS:
             raise BadRequest(431, "too many header fields")
+        if len(name) not in self._lengths:
+            head.lines += (name, b": ", value, b"\r\n")  # neither special nor wanted
+            return
         lname = name.lower()
         if lname in self._wanted:
             head.picked.append((lname, value))
@@ -275,9 +281,9 @@ def build_upstream_head(
     """The request head sent upstream: hop-by-hop fields removed (and those the client's
     Connection names), X-Forwarded-* and Via added, Host kept, body framing re-declared."""
     lines = head.lines
-    extra = head.connection_tokens - CONNECTION_PLAIN
-    if extra:
-        lines = drop_named(lines, extra)
+    tokens = head.connection_tokens
+    if tokens and not tokens <= CONNECTION_PLAIN:
+        lines = drop_named(lines, tokens - CONNECTION_PLAIN)
     host = head.host
     out = [head.method, b" ", head.url, b" HTTP/1.1\r\n", *lines]
     if not host:

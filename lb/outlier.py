@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 
@@ -43,6 +43,8 @@ class Outcome(enum.Enum):
             return cls.OK
         return cls.GATEWAY if status in (502, 503, 504) else cls.HTTP_5XX
 
+
+_NO_EVENTS: tuple[Event, ...] = ()
 
 GATEWAY_OUTCOMES = frozenset(
     {Outcome.GATEWAY, Outcome.CONNECT_FAILED, Outcome.RESET, Outcome.TIMEOUT}
@@ -165,8 +167,8 @@ class Detector:
         return Event("restore", m.key, reason, 0.0, m.ejections)
 
     def record(
-        self, key: str, outcome: Outcome, now: float, *, latency: float | None = None
-    ) -> list[Event]:
+        self, key: str, outcome: Outcome, now: float, latency: float | None = None
+    ) -> Sequence[Event]:
         """Record one request's outcome at one endpoint."""
         m = self.monitors.get(key)
         if m is None:
@@ -178,7 +180,7 @@ class Detector:
             m.latency_ewma = latency if prev is None else prev + EWMA_ALPHA * (latency - prev)
         if outcome is Outcome.OK:
             m.consecutive_5xx = m.consecutive_gateway = 0
-            return []
+            return _NO_EVENTS  # the common case: no list made
         m.failures += 1
         m.consecutive_5xx += 1
         if outcome in GATEWAY_OUTCOMES:

@@ -279,7 +279,21 @@ class Upstream(asyncio.Protocol):
         self.down = down
         self.req = req
         self.done = done
-        self._reset_exchange()
+        # _reset_exchange() and _reset_head(), inline: this runs once per request.
+        self.status = 0
+        self.reason = b""
+        self.resp_lines = []
+        self.content_length = None
+        self.te_chunked = False
+        self.conn_extra = _NO_TOKENS
+        self.upgrade_value = b""
+        self.via = b""
+        self.started = False
+        self.head_only = False
+        self.chunked_out = False
+        self.keep_alive_out = True
+        self.close_delimited = False
+        self.first_byte = 0.0
         self.discard = discard_5xx
         head = req.head
         self.head_only = head.method == b"HEAD"
@@ -359,7 +373,8 @@ class Upstream(asyncio.Protocol):
             req.sink = None
         self.down = None
         self.req = None
-        self.pending = Outcome.from_status(self.status)
+        status = self.status
+        self.pending = Outcome.OK if status < 500 else Outcome.from_status(status)
 
     def _complete_at_close(self) -> None:
         req = self.req
@@ -1052,7 +1067,7 @@ class Downstream(asyncio.Protocol):
             if self.closed and outcome is Outcome.RESET:
                 return outcome  # the client left and we cut the upstream: not its fault
             state.failures += 1
-        events = cluster.detector.record(state.endpoint.key, outcome, now, latency=latency)
+        events = cluster.detector.record(state.endpoint.key, outcome, now, latency)
         if events:
             cluster.apply(events)
         return outcome

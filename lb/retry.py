@@ -80,7 +80,8 @@ class RetryBudget:
             self._buckets.popleft()
 
     def on_request(self, now: float) -> None:
-        self._roll(now)
+        if int(now) != self._second:
+            self._roll(now)
         self._deposits += 1
 
     def try_acquire(self, now: float) -> bool:
