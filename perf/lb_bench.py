@@ -8,6 +8,8 @@ interleaved rounds. Prints req/s, p50/p99 latency and the LB's CPU µs per reque
 
     sudo .venv/bin/python perf/lb_bench.py [--rounds 3] [--duration 10]
 
+``python -m perf`` takes its rows from :func:`rows` (``--quick``: one 3 s round at c50).
+
 nginx, HAProxy and wrk are installed with apt when missing.
 """
 
@@ -207,6 +209,80 @@ def run_wrk(
     return requests, rps, parse_latency(out, "50"), parse_latency(out, "99"), note
 
 
+Results = dict[tuple[str, int], list[tuple[int, float, float, float, float]]]
+
+
+def bench(
+    *, rounds: int, duration: int, conns: tuple[int, ...], warmup: int = 2, echo: bool = True
+) -> Results:
+    """Run every LB at each concurrency in interleaved rounds; per (lb, conns) the rounds'
+    (requests, req/s, p50 ms, p99 ms, CPU µs per request)."""
+    work = Path(tempfile.mkdtemp(prefix="lb-bench-"))
+    lua = work / "keys.lua"
+    lua.write_text(WRK_LUA)
+    backend, ports = start_backends(work)
+    lbs: list[Proc] = []
+    results: Results = {}
+    try:
+        start_lbs(work, ports, lbs)
+        for lb in lbs:  # warm up: connections, pools, caches
+            run_wrk(lb.port, 50, warmup, lua)
+        for r in range(rounds):
+            for c in conns:
+                for lb in lbs:
+                    t0 = cpu_ticks(lb.pids())
+                    n, rps, p50, p99, note = run_wrk(lb.port, c, duration, lua)
+                    cpu_us = (cpu_ticks(lb.pids()) - t0) / TICK * 1e6 / max(1, n)
+                    results.setdefault((lb.name, c), []).append((n, rps, p50, p99, cpu_us))
+                    if echo:
+                        print(
+                            f"round {r + 1} c{c:<4} {lb.name:8} {rps:9.0f} req/s  p50 {p50:6.2f} ms"
+                            f"  p99 {p99:6.2f} ms  cpu {cpu_us:5.1f} µs/req {note}",
+                            flush=True,
+                        )
+    finally:
+        for lb in lbs:
+            lb.stop()
+        os.killpg(backend.pid, signal.SIGTERM)
+        backend.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def medians(results: Results, name: str, conns: int) -> tuple[float, float, float, float]:
+    """Median over rounds of (req/s, p50 ms, p99 ms, CPU µs per request)."""
+    rows = results[(name, conns)]
+    med = [sorted(col)[len(col) // 2] for col in zip(*rows, strict=True)]
+    return med[1], med[2], med[3], med[4]
+
+
+def rows(quick: bool) -> list:
+    """Rows for ``python -m perf``: mesh beside nginx at c50 (and c200 in a full run)."""
+    from perf.__main__ import Row
+
+    conns = (50,) if quick else (50, 200)
+    missing = [t for t in ("nginx", "haproxy", "wrk", "taskset") if not shutil.which(t)]
+    if missing:
+        note = f"skipped: {', '.join(missing)} not installed"
+        return [Row("LB req/s, one core, c50 (wrk)", None, None, "nginx", "≥ 0.9×", note=note)]
+    rounds, duration, warmup = (1, 3, 1) if quick else (3, 10, 2)
+    results = bench(rounds=rounds, duration=duration, conns=conns, warmup=warmup, echo=False)
+    out = []
+    for c in conns:
+        rps, _, p99, cpu = medians(results, "mesh", c)
+        n_rps, _, n_p99, n_cpu = medians(results, "nginx", c)
+        h_rps, _, _, h_cpu = medians(results, "haproxy", c)
+        note = f"median of {rounds} interleaved rounds of {duration} s"
+        out += [
+            Row(f"LB req/s, one core, c{c} (wrk)", rps, n_rps, "nginx", "≥ 0.9×", "req/s", note),
+            Row(f"LB CPU per request, c{c} (user + system)", cpu, n_cpu, "nginx", "≤ 1.0×", "µs"),
+            Row(f"LB p99 latency, c{c}", p99, n_p99, "nginx", "", "ms"),
+            Row(f"LB CPU per request, c{c}, vs HAProxy", cpu, h_cpu, "haproxy", "", "µs"),
+            Row(f"LB req/s, one core, c{c}, vs HAProxy", rps, h_rps, "haproxy", "", "req/s"),
+        ]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -214,49 +290,19 @@ def main() -> int:
     ap.add_argument("--conns", default="50,200")
     args = ap.parse_args()
     ensure_tools()
-    work = Path(tempfile.mkdtemp(prefix="lb-bench-"))
-    lua = work / "keys.lua"
-    lua.write_text(WRK_LUA)
-    backend, ports = start_backends(work)
-    lbs = []
-    try:
-        start_lbs(work, ports, lbs)
-        for lb in lbs:  # warm up: connections, pools, caches
-            run_wrk(lb.port, 50, 2, lua)
-        results: dict[tuple[str, int], list[tuple[int, float, float, float, float]]] = {}
-        for r in range(args.rounds):
-            for conns in map(int, args.conns.split(",")):
-                for lb in lbs:
-                    t0 = cpu_ticks(lb.pids())
-                    n, rps, p50, p99, note = run_wrk(lb.port, conns, args.duration, lua)
-                    cpu_us = (cpu_ticks(lb.pids()) - t0) / TICK * 1e6 / max(1, n)
-                    results.setdefault((lb.name, conns), []).append((n, rps, p50, p99, cpu_us))
-                    print(
-                        f"round {r + 1} c{conns:<4} {lb.name:8} {rps:9.0f} req/s  p50 {p50:6.2f} ms"
-                        f"  p99 {p99:6.2f} ms  cpu {cpu_us:5.1f} µs/req {note}",
-                        flush=True,
-                    )
-        print(
-            "\nmedian over rounds                 req/s    p50 ms   p99 ms  cpu µs/req  vs nginx (cpu, req/s)"
-        )
-        for conns in map(int, args.conns.split(",")):
-            base = None
-            for name in ("nginx", "haproxy", "mesh"):
-                rows = results[(name, conns)]
-                med = [sorted(col)[len(col) // 2] for col in zip(*rows, strict=True)]
-                _, rps, p50, p99, cpu = med
-                if name == "nginx":
-                    base = (cpu, rps)
-                print(
-                    f"c{conns:<4} {name:8}            {rps:10.0f} {p50:8.2f} {p99:8.2f} {cpu:10.1f}"
-                    f"   {cpu / base[0]:.2f}x, {rps / base[1]:.2f}x"
-                )
-    finally:
-        for lb in lbs:
-            lb.stop()
-        os.killpg(backend.pid, signal.SIGTERM)
-        backend.wait(10)
-        shutil.rmtree(work, ignore_errors=True)
+    conns = tuple(map(int, args.conns.split(",")))
+    results = bench(rounds=args.rounds, duration=args.duration, conns=conns)
+    print(
+        "\nmedian over rounds                 req/s    p50 ms   p99 ms  cpu µs/req  vs nginx (cpu, req/s)"
+    )
+    for c in conns:
+        base = medians(results, "nginx", c)
+        for name in ("nginx", "haproxy", "mesh"):
+            rps, p50, p99, cpu = medians(results, name, c)
+            print(
+                f"c{c:<4} {name:8}            {rps:10.0f} {p50:8.2f} {p99:8.2f} {cpu:10.1f}"
+                f"   {cpu / base[3]:.2f}x, {rps / base[0]:.2f}x"
+            )
     return 0
 
 
