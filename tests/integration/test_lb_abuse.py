@@ -770,3 +770,33 @@ async def test_misframed_response_never_poisons_the_next_client(answer, status):
     finally:
         srv.close()
         await srv.wait_closed()
+
+
+@pytest.mark.one_loop
+async def test_clients_that_never_read_hold_no_memory():
+    """Twenty clients ask for 200 MB each and never read: back-pressure stops the upstream
+    reads, the LB's memory stays flat, and other clients are served meanwhile."""
+    from tests.integration.test_lb_support import BackendProcess
+
+    proc = await BackendProcess("p").start()
+    stalled = []
+    try:
+        async with LBProcess("--endpoints", proc.key) as lb:
+            await _get_ok(lb.http_port)
+            before = _rss_kib(lb.proc.pid)
+            for i in range(20):
+                reader, writer = await asyncio.open_connection("127.0.0.1", lb.http_port)
+                writer.write(b"GET /stream/200000000?c=%d HTTP/1.1\r\nHost: a\r\n\r\n" % i)
+                writer.transport.pause_reading()
+                stalled.append(writer)
+            await asyncio.sleep(3.0)
+            await _get_ok(lb.http_port)
+            grew_mib = (_rss_kib(lb.proc.pid) - before) / 1024
+            print(f"never-reading clients: 20 × 200 MB asked, LB RSS grew {grew_mib:.1f} MiB")
+            assert grew_mib < 32
+            for w in stalled:
+                w.close()  # before the LB stops: its drain would wait for them
+    finally:
+        for w in stalled:
+            w.close()
+        await proc.kill()
