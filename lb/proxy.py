@@ -83,8 +83,9 @@ class Request:
 
     def __init__(self, head: http1.RequestHead) -> None:
         self.head = head
-        self.body: list[bytes] = []  # not yet sent upstream
-        self.replay: list[bytes] = []  # everything sent so far, for a retry
+        # Lists made on the first piece: most requests have no body.
+        self.body: list[bytes] | tuple = ()  # not yet sent upstream
+        self.replay: list[bytes] | tuple = ()  # everything sent so far, for a retry
         self.replayable = True
         self.ended = False
         self.sink: Upstream | None = None
@@ -243,7 +244,12 @@ class Upstream(asyncio.Protocol):
             self._flush(down)
             self._broken()
         else:
-            self._flush(down)
+            out = self.out  # self._flush(down), inline
+            self.out = None
+            if out and down is not None:
+                t = down.transport
+                if t is not None and not t.is_closing():
+                    t.write(out[0] if len(out) == 1 else b"".join(out))
         pending = self.pending
         if pending is not None:
             # The response ended in this read; its bytes are out, now let the request go on.
@@ -313,7 +319,7 @@ class Upstream(asyncio.Protocol):
             for piece in pending:
                 parts.append(http1.chunk(piece) if chunked else piece)
                 self._keep(req, piece)
-            pending.clear()
+            req.body = ()
             req.buffered = 0
         if req.ended and chunked:
             parts.append(http1.LAST_CHUNK)
@@ -331,10 +337,13 @@ class Upstream(asyncio.Protocol):
     @staticmethod
     def _keep(req: Request, piece: bytes) -> None:
         if req.replayable:
-            req.replay.append(piece)
+            if req.replay:
+                req.replay.append(piece)
+            else:
+                req.replay = [piece]
             if sum(map(len, req.replay)) > REPLAY_MAX_BYTES:
                 req.replayable = False
-                req.replay = []
+                req.replay = ()
 
     def send_body(self, data: bytes) -> None:
         req = self.req
@@ -356,7 +365,11 @@ class Upstream(asyncio.Protocol):
             done(outcome)
 
     def _complete(self) -> None:
-        """The response ended: settle keep-alive, detach, and report after the flush."""
+        """The response ended: settle keep-alive, detach, and report after the flush.
+        Also the parser's ``on_message_complete``."""
+        status = self.status
+        if status == 0 or status == 101:
+            return  # the end of a 1xx; a 101 goes on as a tunnel (HttpParserUpgrade)
         down = self.down
         req = self.req
         body_sent = req is not None and req.ended
@@ -373,7 +386,6 @@ class Upstream(asyncio.Protocol):
             req.sink = None
         self.down = None
         self.req = None
-        status = self.status
         self.pending = Outcome.OK if status < 500 else Outcome.from_status(status)
 
     def _complete_at_close(self) -> None:
@@ -512,10 +524,7 @@ class Upstream(asyncio.Protocol):
         else:
             self._emit(data)
 
-    def on_message_complete(self) -> None:
-        if self.status == 0 or self.status == 101:
-            return  # the end of a 1xx; a 101 goes on as a tunnel (HttpParserUpgrade)
-        self._complete()
+    on_message_complete = _complete
 
 
 _RESP_SPECIAL = http1.HOP_BY_HOP | {b"content-length", b"via"}
@@ -663,7 +672,10 @@ class Downstream(asyncio.Protocol):
         if sink is not None:
             sink.send_body(data)
             return
-        req.body.append(data)
+        if req.body:
+            req.body.append(data)
+        else:
+            req.body = [data]
         req.buffered += len(data)
         if req.buffered > BODY_BUFFER_BYTES:
             self.buffer_full = True
