@@ -257,6 +257,11 @@ class DnsServer:
         where = ",".join(format_addr(*a) for a in self.addresses) or "not listening"
         return f"<DnsServer {where} {self.answers!r} tcp={len(self._tcp)}>"
 
+    @property
+    def tcp_connections(self) -> int:
+        """TCP connections open and counted against ``MAX_TCP_CONNECTIONS``."""
+        return len(self._tcp)
+
     # Snapshots
 
     def update(self, snapshot: Snapshot) -> None:
@@ -436,6 +441,7 @@ class _TcpDns(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._pending: set[asyncio.Task] = set()
+        self._paused = False  # the client is not taking its replies: answer nothing more
         self._idle: asyncio.TimerHandle | None = None
         self._peer: object = None
 
@@ -459,8 +465,18 @@ class _TcpDns(asyncio.Protocol):
         self._transport = None
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
+        """Close after the replies already written; abort if the client is not reading them.
+
+        ``close()`` waits for the write buffer to drain, which a client that stopped
+        reading never lets happen: the connection, and its slot, would stay forever.
+        """
+        transport = self._transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
 
     # Timeouts
 
@@ -470,22 +486,34 @@ class _TcpDns(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._idle = loop.call_later(self._server.tcp_idle_timeout, self.close)
 
-    # Flow control: a client that does not read its replies stops being read.
+    # Flow control: a client that does not read its replies stops being read, and the
+    # messages already read wait unanswered: replies can be thousands of times larger
+    # than their queries, so answering a whole read of pipelined queries at once would
+    # buffer megabytes for a client that takes none of it. Reading the backlog resumes
+    # us, which counts as activity; a client that never reads sends no whole message
+    # either, and the idle timer closes it.
 
     def pause_writing(self) -> None:
+        self._paused = True
         if self._transport is not None:
             self._transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._paused = False
         if self._transport is not None:
             self._transport.resume_reading()
+            self._touch()
+            self._answer_buffered()
 
     # Messages
 
     def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self._answer_buffered()
+
+    def _answer_buffered(self) -> None:
         buf = self._buffer
-        buf += data
-        while len(buf) >= 2:
+        while len(buf) >= 2 and not self._paused:
             length = (buf[0] << 8) | buf[1]
             if len(buf) < 2 + length:
                 break
@@ -493,7 +521,7 @@ class _TcpDns(asyncio.Protocol):
             del buf[: 2 + length]
             self._touch()
             self._handle(message)
-            if self._transport is None:
+            if self._transport is None or self._transport.is_closing():
                 return
 
     def _handle(self, data: bytes) -> None:
