@@ -270,6 +270,18 @@ class Cluster:
             view.states[pick.order[0]].spills += 1
         return view, pick
 
+    def home(self, key_hash: int) -> int:
+        """The key's home index when that is the whole decision (usable, no panic, no
+        bounded loads or least-request state), else -1: the caller uses :meth:`choose`.
+        Builds nothing: the per-request fast path."""
+        if self.panic or self.needs_active:
+            return -1
+        view = self.view
+        if view.table is None or not view.states:
+            return -1
+        home = view.table.lookup(key_hash)
+        return home if home >= 0 and self.usable[home] else -1
+
     def rest(self, view: View, pick: Pick, tries: int) -> tuple[int, ...]:
         """The whole try order of a pick that listed only its home."""
         usable = [True] * len(view.states) if self.panic else self.usable

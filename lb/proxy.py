@@ -28,6 +28,7 @@ import httptools
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
 from lb import http1
+from lb.balancer import Pick
 from lb.cluster import LATENCY_BUCKETS
 from lb.hashing import extract
 from lb.outlier import Outcome
@@ -813,16 +814,24 @@ class Downstream(asyncio.Protocol):
             else:
                 cluster.stats.random_picks += 1
         tries = 1 + cfg.retries
-        choice = cluster.choose(key_hash, tries)
-        if choice is None:
-            self._local(req, 503, cluster=cluster, headers=RETRY_AFTER)
-            self._done(req)
-            return
-        view, pick = choice
+        home = cluster.home(key_hash) if key_hash is not None else -1
+        if home >= 0:
+            view = cluster.view
+            pick = None  # made only if a retry needs the rest of the hash order
+        else:
+            choice = cluster.choose(key_hash, tries)
+            if choice is None:
+                self._local(req, 503, cluster=cluster, headers=RETRY_AFTER)
+                self._done(req)
+                return
+            view, pick = choice
+            home = pick.order[0]
         now = time.monotonic()
         cluster.budget.on_request(now)
         x = _Exchange(cluster, view, pick, req, now + cfg.request_timeout, tries)
-        state = view.states[pick.order[0]]
+        if pick is None:
+            x.home(home, key_hash)
+        state = view.states[home]
         up = state.take_idle(now, cfg.pool_idle_expiry) if head.upgrade is None else None
         if up is None:
             self._spawn(x, 0)  # connect first: that waits, so a task runs it
@@ -936,6 +945,8 @@ class Downstream(asyncio.Protocol):
                 if tried >= x.n_tries:
                     break
                 if tried >= len(x.order):
+                    if x.pick is None:
+                        x.pick = Pick(x.order, key_hash=x.key_hash, partial=True)
                     x.order = cluster.rest(x.view, x.pick, x.tries)
                     if tried >= len(x.order):
                         break
@@ -1123,19 +1134,21 @@ class _Exchange:
 
     __slots__ = (
         "cluster", "view", "pick", "req", "deadline", "tries", "n_tries", "order", "attempt",
-        "state", "up", "t0", "timer", "outcome", "try_deadline",
+        "state", "up", "t0", "timer", "outcome", "try_deadline", "key_hash",
     )  # fmt: skip
 
     def __init__(self, cluster, view, pick, req: Request, deadline: float, tries: int) -> None:
         self.cluster = cluster
         self.view = view
-        self.pick = pick
+        self.pick = pick  # None: the key's home only, see home()
         self.req = req
         self.deadline = deadline
         self.tries = tries
-        self.order = pick.order
-        n = len(view.states)
-        self.n_tries = min(tries, n) if pick.partial and n > 1 else len(pick.order)
+        self.key_hash: int | None = None
+        if pick is not None:
+            self.order = pick.order
+            n = len(view.states)
+            self.n_tries = min(tries, n) if pick.partial and n > 1 else len(pick.order)
         self.attempt = 0
         self.state: EndpointState | None = None
         self.up: Upstream | None = None
@@ -1143,6 +1156,13 @@ class _Exchange:
         self.timer: asyncio.TimerHandle | None = None
         self.outcome = Outcome.CONNECT_FAILED
         self.try_deadline = deadline
+
+    def home(self, index: int, key_hash: int) -> None:
+        """The pick was the key's usable home (Cluster.home): the same as a partial Pick."""
+        self.order = (index,)
+        self.key_hash = key_hash
+        n = len(self.view.states)
+        self.n_tries = min(self.tries, n) if self.tries > 1 and n > 1 else 1
 
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
