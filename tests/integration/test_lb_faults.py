@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import time
 from collections import Counter
@@ -225,3 +226,73 @@ async def test_sigterm_mid_stream_completes_in_flight_then_refuses():
     finally:
         for p in procs:
             await p.kill()
+
+
+async def test_upstream_closing_idle_connections_under_reuse_fails_nothing():
+    """Peers that close a keep-alive connection after 50 ms idle, while clients send a
+    request every 40-60 ms: pooled connections die as they are reused. A try that meets a
+    closed connection before any response byte is retried (any method: the peer got no
+    complete request), so no GET or POST fails and none is sent twice."""
+    served = 0
+    idle_closes = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served, idle_closes
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(0.05):
+                        head = await reader.readuntil(b"\r\n\r\n")
+                except TimeoutError:
+                    idle_closes += 1
+                    return
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                served += 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    servers = [
+        await asyncio.start_server(handle, sock=socket.create_server(("127.0.0.1", 0)))
+        for _ in range(2)
+    ]
+    eps = [Endpoint("127.0.0.1", s.sockets[0].getsockname()[1]) for s in servers]
+    failures: list[tuple[int, int, int]] = []
+    rng = random.Random(3)
+    try:
+        async with lb_in_process(eps) as lb:
+
+            async def client(c: int) -> None:
+                reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+                for i in range(50):
+                    method = b"POST" if i % 2 else b"GET"
+                    writer.write(
+                        b"%s /x HTTP/1.1\r\nHost: a\r\nX-User: u%d\r\nContent-Length: 2\r\n\r\nhi"
+                        % (method, c)
+                    )
+                    async with asyncio.timeout(10):
+                        status, _, _ = await read_response(reader)
+                    if status != 200:
+                        failures.append((c, i, status))
+                    await asyncio.sleep(rng.uniform(0.04, 0.06))
+                writer.close()
+
+            await asyncio.gather(*(client(c) for c in range(8)))
+            retries = lb.cluster.stats.retries
+        print(
+            f"stale pool: 400 requests, {len(failures)} failed, {idle_closes} idle closes"
+            f" by the peers, {retries} retries"
+        )
+        assert failures == []
+        assert served == 400  # each request reached a peer exactly once
+        assert idle_closes > 0
+    finally:
+        for s in servers:
+            s.close()
+            await s.wait_closed()
