@@ -217,8 +217,9 @@ class Answers:
                 elif (
                     arcount == b"\x00\x01"
                     and data[end : end + 3] == b"\x00\x00\x29"
-                    # the OPT's fixed part and its RDATA are all there (else FORMERR)
-                    and len(data) - end - 11 >= int.from_bytes(data[end + 9 : end + 11])
+                    and len(data) >= end + 11
+                    # its RDATA is all there too (else FORMERR, as the general path says)
+                    and len(data) >= end + 11 + ((data[end + 9] << 8) | data[end + 10])
                     and data[end + 6] == 0
                 ):
                     limit = MAX_TCP_MESSAGE

@@ -37,7 +37,7 @@ MAX_MESSAGE = 65535
 ERROR_LOG_INTERVAL = 1.0  # s; at most one log line per interval for answering errors
 UDP_BATCH = 64  # datagrams read per wake-up before other callbacks get a turn
 UDP_RECV_SIZE = 4096  # a query is a header, one question and an OPT; longer ones get FORMERR
-BIND_TRIES = 8  # port 0: UDP and TCP must get the same number; retry if TCP's is taken
+BIND_TRIES = 8  # port 0: TCP and UDP must get the same number; retry if UDP's is taken
 
 
 def format_addr(host: str, port: int) -> str:
@@ -312,24 +312,32 @@ class DnsServer:
             log.info("listening dns=%s", format_addr(host, port))
 
     async def _bind_pair(self, host: str, port: int) -> int:
+        # TCP first: port 0 then picks a port free for TCP, where every client connection
+        # of the machine also takes one; UDP, with far fewer sockets, is then free on the
+        # same port almost always.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for _ in range(BIND_TRIES):
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_DGRAM)
+            tcp = socket.socket(family, socket.SOCK_STREAM)
             try:
-                sock.bind((host, port))
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                tcp.bind((host, port))
+                real = tcp.getsockname()[1]
+                udp = socket.socket(family, socket.SOCK_DGRAM)
             except OSError:
-                sock.close()
+                tcp.close()
                 raise
-            udp = await self._serve_udp(sock=sock)
-            real = sock.getsockname()[1]
             try:
-                await self._serve_tcp(host=host, port=real)
+                udp.bind((host, real))
             except OSError:
+                udp.close()
+                tcp.close()
                 if port:
                     raise
-                self._udp.remove(udp)
-                udp.close()
                 continue
+            await self._serve_udp(sock=udp)
+            await self._serve_tcp(sock=tcp)
             return real
         raise OSError(f"no port free for both UDP and TCP on {host}")
 
@@ -373,6 +381,18 @@ class DnsServer:
         return task
 
 
+def _servfail_after_error(data: bytes) -> bytes | None:
+    """SERVFAIL for a query that answering failed on; None if even that cannot be built.
+
+    Called from the socket's reader callback: nothing may escape it, or the rest of the
+    batch is lost and the error lands in the loop's exception handler.
+    """
+    try:
+        return servfail(data) or None
+    except Exception:
+        return None
+
+
 class _UdpDns:
     """One UDP socket read straight from the loop's reader callback.
 
@@ -407,7 +427,7 @@ class _UdpDns:
                 reply = answer(data)
             except Exception as exc:
                 server.errors.report(exc, addr)
-                reply = servfail(data)
+                reply = _servfail_after_error(data)
             if reply is None:
                 continue
             if reply is FORWARD:
@@ -530,7 +550,7 @@ class _TcpDns(asyncio.Protocol):
             reply = server.answers.answer(data, udp=False)
         except Exception as exc:
             server.errors.report(exc, self._peer)
-            reply = servfail(data)
+            reply = _servfail_after_error(data)
         if reply is None:
             return
         if reply is FORWARD:

@@ -893,3 +893,57 @@ async def _any_is_answered_minimally(addr) -> None:
                 records = [r.to_text() for rrset in reply.answer for r in rrset]
                 assert records == ['"RFC8482" ""'] and not reply.additional
                 assert len(raw) <= len(query) + ANY_OVERHEAD
+
+
+# A bug in answering costs one reply, never the loop.
+
+
+class _Faulty:
+    """The answer table with a bug: the query for ``poison.mesh.`` raises."""
+
+    def __init__(self, answers) -> None:
+        self._answers = answers
+
+    def answer(self, data: bytes, *, udp: bool = True):
+        if b"\x06poison" in data:
+            raise RuntimeError("a bug")
+        return self._answers.answer(data, udp=udp)
+
+
+@pytest.mark.parametrize("servfail_too", [False, True], ids=["servfail", "nothing"])
+async def test_an_answering_bug_costs_one_reply(monkeypatch, caplog, servfail_too):
+    caplog.set_level(logging.ERROR, logger="sidecar.dns_server")
+    server = await serve()
+    server.answers = _Faulty(server.answers)
+    if servfail_too:  # the error reply cannot be built either
+
+        def broken(data, ra=0):
+            raise RuntimeError("another bug")
+
+        monkeypatch.setattr("sidecar.dns_server.servfail", broken)
+    poison = dns.message.make_query("poison.mesh.", "A").to_wire()
+    good = dns.message.make_query("i07.web.service.mesh.", "A").to_wire()
+    sentinels = Sentinels()
+    try:
+        client = await UdpClient.open(server.addresses[0])
+        try:
+            if servfail_too:  # no reply for it; the batch goes on after it
+                client.transport.sendto(poison)
+                await client.exchange([good, good], sentinels)
+            else:
+                replies = await client.exchange([poison, good, good], sentinels)
+                assert dns.message.from_wire(replies[0]).rcode() == dns.rcode.SERVFAIL
+        finally:
+            client.close()
+        tcp = await TcpClient.open(server.addresses[0])
+        try:
+            await tcp.send(poison)
+            if not servfail_too:
+                assert dns.message.from_wire(await tcp.reply()).rcode() == dns.rcode.SERVFAIL
+            await tcp.ask(sentinels)
+        finally:
+            tcp.close()
+    finally:
+        await server.close()
+    assert server.errors.count == 2
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["dns"]  # one line a second
