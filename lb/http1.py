@@ -48,6 +48,7 @@ REASONS = {
     200: b"OK",
     400: b"Bad Request",
     408: b"Request Timeout",
+    405: b"Method Not Allowed",
     413: b"Content Too Large",
     414: b"URI Too Long",
     417: b"Expectation Failed",
@@ -91,6 +92,7 @@ class RequestHead:
         "upgrade",
         "expect_continue",
         "host",
+        "hosts",
         "xff",
         "via",
         "connection_tokens",
@@ -109,6 +111,7 @@ class RequestHead:
         self.upgrade: bytes | None = None
         self.expect_continue = False
         self.host = b""
+        self.hosts = 0  # Host field lines seen: RFC 9112 §3.2 wants exactly one in HTTP/1.1
         self.xff = b""
         self.via = b""
         self.connection_tokens: frozenset[bytes] = frozenset()
@@ -125,6 +128,9 @@ class RequestHead:
 # and the ones it reads on the way (Host is read and forwarded).
 _REQ_SPECIAL = HOP_BY_HOP | REWRITTEN | {b"host", b"x-forwarded-for"}
 CONNECTION_PLAIN = frozenset({b"close", b"keep-alive", b"upgrade"})
+# Fields a client's Connection header may not remove: Host is end to end and routing reads
+# it (a `Connection: Host` would otherwise forward a request without one).
+CONNECTION_PROTECTED = frozenset({b"host"})
 
 
 def drop_named(lines: list[bytes], names: frozenset[bytes]) -> list[bytes]:
@@ -226,6 +232,9 @@ class RequestReader:
             head.lines += (name, b": ", value, b"\r\n")
             return
         if lname == b"host":
+            head.hosts += 1
+            if head.hosts > 1:
+                raise BadRequest(400, "several Host fields")  # RFC 9112 §3.2
             head.host = value
             head.lines += (name, b": ", value, b"\r\n")
         elif lname == b"content-length":
@@ -262,6 +271,14 @@ class RequestReader:
         if head.chunked and head.version == "1.0":
             raise BadRequest(400, "Transfer-Encoding in HTTP/1.0")
         head.method = p.get_method()
+        if head.method == b"CONNECT":
+            # A reverse proxy is no tunnel: Envoy and nginx refuse it too. The bytes behind
+            # it would otherwise be read as the tunnel's, and the connection would stall.
+            raise BadRequest(405, "CONNECT is not served")
+        if head.url[:1] != b"/" and head.url != b"*":
+            _absolute_form(head)
+        elif head.version == "1.1" and head.hosts == 0:
+            raise BadRequest(400, "HTTP/1.1 request without Host")  # RFC 9112 §3.2
         head.keep_alive = p.should_keep_alive()
         if head.upgrade is not None and b"upgrade" not in head.connection_tokens:
             head.upgrade = None  # RFC 9110 §7.8: Upgrade counts only when Connection names it
@@ -275,6 +292,27 @@ class RequestReader:
         self._sink.on_request_end()
 
 
+def _absolute_form(head: RequestHead) -> None:
+    """RFC 9112 §3.2.2: with an absolute-form target, its authority replaces any Host field,
+    and the request goes upstream in origin form."""
+    scheme, sep, rest = head.url.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise BadRequest(400, "request target is neither origin-form nor absolute-form")
+    authority, slash, path = rest.partition(b"/")
+    query = b""
+    if b"?" in authority:  # http://host?q — no path, a query
+        authority, _, query = authority.partition(b"?")
+        query = b"?" + query
+    if not authority or b"@" in authority or any(c in authority for c in b" \t"):
+        raise BadRequest(400, "bad authority in the request target")
+    head.url = (b"/" + path if slash else b"/") + query
+    if head.hosts:
+        head.lines = drop_named(head.lines, frozenset({b"host"}))
+    head.host = authority
+    head.hosts = 1
+    head.lines += (b"Host", b": ", authority, b"\r\n")
+
+
 def build_upstream_head(
     head: RequestHead, client_ip: bytes, *, upgrade: bool = False, default_host: bytes = b""
 ) -> bytes:
@@ -283,7 +321,7 @@ def build_upstream_head(
     lines = head.lines
     tokens = head.connection_tokens
     if tokens and not tokens <= CONNECTION_PLAIN:
-        lines = drop_named(lines, tokens - CONNECTION_PLAIN)
+        lines = drop_named(lines, tokens - CONNECTION_PLAIN - CONNECTION_PROTECTED)
     host = head.host
     out = [head.method, b" ", head.url, b" HTTP/1.1\r\n", *lines]
     if not host:
