@@ -33,10 +33,9 @@ MAX_TCP_PENDING = 16  # forwarded queries in flight per TCP connection (RFC 7766
 MAX_FORWARDS = 512  # forwarded queries in flight in all; more get SERVFAIL at once
 FORWARD_UDP_TIMEOUT = 2.0  # s; Consul's recursor_timeout is 2 s
 FORWARD_DEADLINE = 4.0  # s for UDP plus the TCP retry; Docker's embedded DNS waits 4 s
-MAX_MESSAGE = 65535
 ERROR_LOG_INTERVAL = 1.0  # s; at most one log line per interval for answering errors
 UDP_BATCH = 64  # datagrams read per wake-up before other callbacks get a turn
-UDP_RECV_SIZE = 4096  # a query is a header, one question and an OPT; longer ones get FORMERR
+UDP_RECV_SIZE = 4096  # a query (header, question ≤ 259, OPT) fits; a longer datagram is read cut
 BIND_TRIES = 8  # port 0: TCP and UDP must get the same number; retry if UDP's is taken
 
 

@@ -56,7 +56,7 @@ WEB_ADDRESSES = {i.address for i in WEB}
 WEB_SRV = {f"1 100 {i.port} {i.instance}.web.service.mesh." for i in WEB}
 
 # Bounds of the long run: whichever comes first.
-LONG_RUN_PACKETS = 50_000
+LONG_RUN_PACKETS = 100_000
 LONG_RUN_SECONDS = 45.0
 WINDOW = 32  # hostile datagrams between two valid queries
 REPLY_TIMEOUT = 5.0  # s; generous: loopback answers in well under a millisecond
