@@ -26,7 +26,6 @@ import time
 
 import dns.flags
 import dns.message
-import dns.opcode
 import dns.rcode
 import dns.rdatatype
 import pytest
@@ -63,8 +62,6 @@ REPLY_TIMEOUT = 5.0  # s; generous: loopback answers in well under a millisecond
 ANY_OVERHEAD = 32  # bytes an ANY reply may add to its query: one short HINFO record
 SIDECAR_BURST = 3_200  # hostile datagrams at the real sidecar process
 PIPELINED_BIG = 4_000  # pipelined queries with ~2.3 KB replies each
-
-log = logging.getLogger(__name__)
 
 
 # Real queries: what fuzzing mutates.
