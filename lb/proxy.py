@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("mesh.lb.access")
 
 REPLAY_MAX_BYTES = 64 * 1024  # request body kept for a retry; larger bodies are not retried
+MAX_TUNNEL_PENDING_BYTES = 64 * 1024  # sent after an Upgrade head, before the 101
 BODY_BUFFER_BYTES = 256 * 1024  # request body buffered before an upstream is attached
 RETRY_AFTER = (b"Retry-After: 1",)
 # Hash keys seen recently and their hashes: most keys (users, sessions) come back often,
@@ -324,8 +325,8 @@ class Upstream(asyncio.Protocol):
             req.buffered = 0
         if req.ended and chunked:
             parts.append(http1.LAST_CHUNK)
-        if upgrade and req.tunnel_data:
-            parts.append(req.tunnel_data)
+        # Bytes a client sent after an Upgrade head wait for the 101 (see _upgrade): sent
+        # now, a peer that declines the upgrade would read them as a second request.
         self.transport.write(b"".join(parts) if len(parts) > 1 else data)
         if not req.ended:
             req.sink = self
@@ -409,12 +410,17 @@ class Upstream(asyncio.Protocol):
             self._broken()
             return
         down = self.down
+        req = self.req
+        pending = req.tunnel_data if req is not None else b""
         self.upgraded = True
         self.reusable = False
         self._finish(Outcome.OK)
         down.start_tunnel(self)
         if rest:
             _write(down.transport, rest)
+        if pending and self.transport is not None:
+            req.tunnel_data = b""
+            _write(self.transport, pending)  # the new protocol's first bytes, now the peer agreed
 
     def abort(self) -> None:
         self.reusable = False
@@ -614,12 +620,11 @@ class Downstream(asyncio.Protocol):
             return
         cur = self.current or (self.queue[-1] if self.queue else None)
         if cur is not None and cur.head.upgrade is not None and cur.ended:
-            # An upgrade in progress: these bytes belong to the new protocol.
-            up = self.upstream
-            if up is not None and up.transport is not None:
-                _write(up.transport, data)
-            else:
-                cur.tunnel_data += data
+            # An upgrade in progress: these bytes belong to the new protocol, and are held
+            # until the peer answers 101 (never sent to a peer that may decline it).
+            cur.tunnel_data += data
+            if len(cur.tunnel_data) > MAX_TUNNEL_PENDING_BYTES:
+                self.abort()
             return
         reader = self.reader
         try:

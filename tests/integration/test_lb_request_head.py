@@ -55,3 +55,14 @@ async def test_connect_is_refused_and_the_connection_closed():
     )
     out, rec = await _one(data)
     assert statuses(out) == [405] and rec.requests == [], (out, bytes(rec.raw))
+
+
+async def test_bytes_after_an_upgrade_head_wait_for_the_101():
+    """A peer that declines the upgrade must not read the bytes behind the head as a second
+    request (request smuggling through Upgrade)."""
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: internal\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n"
+    for upgrade in (b"websocket", b"h2c"):
+        head = req(b"GET /ws HTTP/1.1\nHost: a\nConnection: Upgrade\nUpgrade: %s\n" % upgrade)
+        out, rec = await _one(head + smuggled)
+        assert [r.url for r in rec.requests] == [b"/ws"], (upgrade, bytes(rec.raw))
+        assert b"/smuggled" not in bytes(rec.raw)
