@@ -194,3 +194,23 @@ async def test_endpoint_removed_mid_request_leaves_no_pooled_connection():
         async with asyncio.timeout(5):
             while gone.connections:
                 await asyncio.sleep(0.02)
+
+
+async def test_5xx_from_home_on_a_pooled_connection_retried_in_hash_order():
+    """The fast path (an idle connection to the key's home) lists only the home; a retry
+    after its 503 goes on in the key's hash order, the same endpoint every time."""
+    no_ejection = OutlierConfig(consecutive_5xx=0, consecutive_gateway=0, latency_factor=0)
+    async with backends(3) as bs, lb_in_process(bs, outlier=no_ejection) as lb:
+        view = lb.cluster.view
+        order = view.table.candidates(hash_key(b"u1"), 3)
+        home = bs[[b.key for b in bs].index(view.endpoints.keys[order[0]])]
+        second = view.endpoints.keys[order[1]]
+        home.fail_status = 503
+        async with aiohttp.ClientSession() as s:
+            for _ in range(4):  # the first connects; the rest find the home's pooled connection
+                async with s.get(lb.url + "/r", headers={"X-User": "u1"}) as r:
+                    assert r.status == 200
+                    assert (await r.json())["backend"] == bs[[b.key for b in bs].index(second)].name
+        assert len(home.seen) == 4
+        assert lb.cluster.stats.retries == 4
+        assert view.states[order[0]].idle  # the home's connection went back to the pool
