@@ -33,7 +33,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from registry.model import Instance, Snapshot
-from sidecar.dns_server import MAX_TCP_CONNECTIONS, TCP_IDLE_TIMEOUT, DnsServer, ZoneConfig
+from sidecar.dns_server import (
+    FORWARD_DEADLINE,
+    MAX_TCP_CONNECTIONS,
+    TCP_IDLE_TIMEOUT,
+    DnsServer,
+    ZoneConfig,
+)
 from tests.integration.test_sidecar_cli import LISTENING, Proc
 
 # The zone: a service big enough to truncate, tags, IPv6, a second service.
@@ -105,10 +111,10 @@ def _corpus() -> list[bytes]:
 CORPUS = _corpus()
 
 
-def mutate(rng: random.Random, wire: bytes) -> bytes:
-    """One to four edits of a real query: flipped bits, cuts, inserted, duplicated bytes."""
+def mutate(rng: random.Random, wire: bytes, *, edits: int = 4) -> bytes:
+    """One to ``edits`` edits of a real query: flipped bits, cuts, inserted, duplicated bytes."""
     q = bytearray(wire)
-    for _ in range(rng.randint(1, 4)):
+    for _ in range(rng.randint(1, edits)):
         op = rng.randrange(7)
         if op == 0 and q:  # flip one bit
             bit = rng.randrange(len(q) * 8)
@@ -944,3 +950,71 @@ async def test_an_answering_bug_costs_one_reply(monkeypatch, caplog, servfail_to
         await server.close()
     assert server.errors.count == 2
     assert [r.getMessage().split(":")[0] for r in caplog.records] == ["dns"]  # one line a second
+
+
+# The forwarding path under fuzzing: names outside the zone go to an upstream.
+
+FAR = Snapshot.of(
+    Instance(service="far", instance=f"f{n:02d}", address=f"127.0.4.{n}", port=7000 + n)
+    for n in range(1, 41)
+)
+
+
+def _forward_corpus() -> list[bytes]:
+    names = ["f01.far.service.up.test.", "_far._tcp.service.up.test.", "nope.up.test."]
+    types = ["A", "SRV", "ANY", "TXT"]
+    options = [{}, {"use_edns": 0, "payload": 1232}, {"use_edns": 0, "payload": 700}]
+    return [
+        dns.message.make_query(name, rdtype, **kw).to_wire()
+        for name in names
+        for rdtype in types
+        for kw in options
+    ] + CORPUS[::7]
+
+
+FORWARD_CORPUS = _forward_corpus()
+FORWARD_WINDOWS = 120  # windows of 16 datagrams, each answered within the forward deadline
+
+
+@pytest.mark.one_loop
+async def test_fuzzed_datagrams_through_the_forwarder(caplog):
+    caplog.set_level(logging.WARNING, logger="sidecar")
+    upstream = DnsServer(ZoneConfig(domain="up.test"))
+    await upstream.start([("127.0.0.1", 0)])
+    upstream.update(FAR)
+    await upstream.wait_rebuilt()
+    server = await serve(upstream=upstream.addresses[0])
+    client = await UdpClient.open(server.addresses[0])
+    rng = random.Random(23)
+    sent = 0
+    try:
+        for w in range(FORWARD_WINDOWS):
+            # Forwarded replies come back out of order: each datagram gets its own ID.
+            window = {}
+            for k in range(16):
+                packet = bytearray(mutate(rng, rng.choice(FORWARD_CORPUS), edits=1))
+                packet[:2] = struct.pack("!H", w * 16 + k)
+                window[bytes(packet[:2])] = bytes(packet)
+            for packet in window.values():
+                client.transport.sendto(packet)
+            sent += len(window)
+            expected = {qid: p for qid, p in window.items() if expects_reply(p)}
+            async with asyncio.timeout(FORWARD_DEADLINE + REPLY_TIMEOUT):
+                while expected:
+                    reply = await client.replies.get()
+                    check_reply(expected.pop(reply[:2]), reply)
+        # Both zones still answered correctly, the upstream's through the sidecar.
+        far = dns.message.make_query("f07.far.service.up.test.", "A").to_wire()
+        client.transport.sendto(far)
+        async with asyncio.timeout(REPLY_TIMEOUT):
+            reply = check_reply(far, await client.replies.get())
+        assert _addresses(reply, dns.rdatatype.A) == {"127.0.4.7"}
+        await client.exchange([], Sentinels())
+    finally:
+        client.close()
+        await server.close()
+        await upstream.close()
+    assert sent == FORWARD_WINDOWS * 16
+    assert server.errors.count == upstream.errors.count == 0
+    assert server.forwarder.inflight == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
