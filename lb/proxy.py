@@ -1045,8 +1045,10 @@ class Downstream(asyncio.Protocol):
             or req.head.upgrade is not None
             or self.server.draining
         ):
+            # Finished only in connection_lost: the transport may still hold the end of the
+            # response for a slow reader, and a draining server must not exit before it is
+            # written.
             self.close()
-            self.server.connection_finished(self)
             return
         if self.upstream_full or self.buffer_full or self.reading_paused:
             self.upstream_full = self.buffer_full = False
