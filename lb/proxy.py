@@ -467,16 +467,30 @@ class Upstream(asyncio.Protocol):
             self._reset_head()  # 100 Continue, 103 Early Hints: not forwarded
             return
         self.status = status
+        head_only = self.head_only
+        if head_only or status == 204 or status == 304:
+            # No body follows (RFC 9112 §6.3), whatever the head declared. A peer that
+            # declared one may still write it, later and in another segment, where the next
+            # request on a pooled connection would read it as its own response: such a
+            # connection is not pooled.
+            if self.te_chunked or self.content_length:
+                self.reusable = False
+            if status == 204:
+                self.content_length = None  # RFC 9110 §8.6: never sent with a 204
         if self.discard and status in RETRY_STATUSES:
+            if head_only:
+                raise _StopBody  # the parser would wait for the declared length
             return  # drop this response; the caller retries elsewhere
         self.discard = False
         down = self.down
         if down is None or down.transport is None or down.transport.is_closing():
             self.discard = True  # nobody to send it to: read it to the end and drop it
+            if head_only:
+                raise _StopBody
             return
         req_head = self.req.head
         cl = None if self.te_chunked else self.content_length
-        no_body = self.head_only or status == 204 or status == 304 or status == 101
+        no_body = head_only or status == 204 or status == 304 or status == 101
         client_version = req_head.version
         keep = down.keep_alive and req_head.keep_alive and not down.server.draining
         if no_body or cl is not None:
@@ -517,7 +531,7 @@ class Upstream(asyncio.Protocol):
         self.started = True
         self.req.status = status
         self.out.append(b"".join(head))
-        if self.head_only:
+        if head_only:
             raise _StopBody
 
     def on_body(self, data: bytes) -> None:

@@ -1,0 +1,88 @@
+"""Peers and clients that misbehave in ways the abuse suite found: each case is what the LB
+must do instead (late response bytes, endless response heads, slow request bodies, a
+drain that meets a fresh connection, a full connection table)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from lb.endpoints import Endpoint
+from tests.integration.test_lb_support import lb_in_process, read_response
+
+# Bytes a peer sends late
+
+
+@contextlib.asynccontextmanager
+async def _peer(first: bytes, late: bytes):
+    """A peer that answers its first request with ``first``, then 50 ms later writes
+    ``late`` on the same connection; later requests get a 5-byte ``clean``."""
+    n = 0
+
+    async def handle(reader, writer):
+        nonlocal n
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                n += 1
+                if n == 1:
+                    writer.write(first)
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                    writer.write(late)
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nclean")
+        except Exception:
+            pass
+        finally:
+            writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield Endpoint("127.0.0.1", srv.sockets[0].getsockname()[1])
+    finally:
+        srv.close()
+
+
+EVIL = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL"
+
+
+@pytest.mark.parametrize(
+    ("method", "first"),
+    [
+        (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 41\r\n\r\n"),
+        (b"GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 41\r\n\r\n"),
+        (b"GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 41\r\n\r\n"),
+        (b"GET", b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n"),
+    ],
+    ids=["head", "204", "304", "204-chunked"],
+)
+async def test_body_sent_after_a_bodiless_response_never_reaches_another_client(method, first):
+    """A peer writes a body after a response that has none (HEAD, 204, 304), in a later
+    segment: the next client reusing the connection must not get it as its response."""
+    async with _peer(first, EVIL) as ep, lb_in_process([ep], retries=0, hash_on=()) as lb:
+        r, w = await asyncio.open_connection("127.0.0.1", lb.port)
+        w.write(method + b" / HTTP/1.1\r\nHost: a\r\n\r\n")
+        head = await r.readuntil(b"\r\n\r\n")
+        w.close()
+        r, w = await asyncio.open_connection("127.0.0.1", lb.port)
+        w.write(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        got = await read_response(r)
+        w.close()
+    assert got[2] == b"clean", got
+    if b" 204 " in first:
+        assert b"content-length" not in head.lower(), head  # RFC 9110 §8.6
+
+
+async def test_head_response_with_its_length_is_forwarded_as_declared():
+    """A HEAD response's Content-Length is the GET's and reaches the client as it came."""
+    first = b"HTTP/1.1 200 OK\r\nContent-Length: 41\r\n\r\n"
+    async with _peer(first, b"") as ep, lb_in_process([ep], retries=0, hash_on=()) as lb:
+        r, w = await asyncio.open_connection("127.0.0.1", lb.port)
+        w.write(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        head = await r.readuntil(b"\r\n\r\n")
+        got = await read_response(r)
+        w.close()
+    assert b"Content-Length: 41\r\n" in head and got[2] == b"clean", (head, got)
