@@ -62,6 +62,16 @@ class _StopBody(Exception):
     """Raised from a parser callback: the message has no body (HEAD, discarded retry)."""
 
 
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback: a response head with too many fields."""
+
+
+# A response head is bounded like a request head (see lb.http1): in bytes while it arrives,
+# in fields when it ends. Each forwarded field is four items of ``Upstream.resp_lines``.
+MAX_RESPONSE_HEAD_BYTES = http1.MAX_HEADER_BYTES
+MAX_RESPONSE_LINES = 4 * http1.MAX_HEADERS
+
+
 # Per-request state
 
 
@@ -131,6 +141,7 @@ class Upstream(asyncio.Protocol):
         "first_byte",
         "out",
         "pending",
+        "head_fed",
     )
 
     def __init__(self, state: EndpointState) -> None:
@@ -144,6 +155,7 @@ class Upstream(asyncio.Protocol):
         self.pending: Outcome | None = None
         self.upgraded = False
         self.out: list[bytes] | None = None  # downstream bytes gathered during one read
+        self.head_fed = 0  # bytes read while the response head was incomplete
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -239,6 +251,8 @@ class Upstream(asyncio.Protocol):
                 # A HEAD response: llhttp would wait for Content-Length bytes.
                 self.parser = httptools.HttpResponseParser(self)
                 self._complete()
+            elif isinstance(exc.__context__, _HeadTooLarge):
+                self._head_too_large()
             else:
                 log.debug("upstream %s: callback error", self.state.endpoint.key, exc_info=True)
                 self._broken()
@@ -252,6 +266,13 @@ class Upstream(asyncio.Protocol):
                 t = down.transport
                 if t is not None and not t.is_closing():
                     t.write(out[0] if len(out) == 1 else b"".join(out))
+            if not self.status and self.done is not None:
+                # The head is still incomplete after this read (llhttp holds the field in
+                # progress): bound what it may grow to. A complete head is never counted.
+                self.head_fed += len(data)
+                if self.head_fed > MAX_RESPONSE_HEAD_BYTES:
+                    self._head_too_large()
+                    return
         pending = self.pending
         if pending is not None:
             # The response ended in this read; its bytes are out, now let the request go on.
@@ -302,6 +323,7 @@ class Upstream(asyncio.Protocol):
         self.keep_alive_out = True
         self.close_delimited = False
         self.first_byte = 0.0
+        self.head_fed = 0
         self.discard = discard_5xx
         head = req.head
         self.head_only = head.method == b"HEAD"
@@ -398,6 +420,12 @@ class Upstream(asyncio.Protocol):
         self.req = None
         self._finish(Outcome.OK)
 
+    def _head_too_large(self) -> None:
+        """A response head over the limits: the peer failed as a gateway (502, close)."""
+        self.reusable = False
+        self._finish(Outcome.GATEWAY)
+        self.close()
+
     def _broken(self) -> None:
         self.reusable = False
         if self.started and self.down is not None:
@@ -463,6 +491,8 @@ class Upstream(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
+        if len(self.resp_lines) > MAX_RESPONSE_LINES:
+            raise _HeadTooLarge
         if 100 <= status < 200 and status != 101:
             self._reset_head()  # 100 Continue, 103 Early Hints: not forwarded
             return

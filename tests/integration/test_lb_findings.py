@@ -86,3 +86,56 @@ async def test_head_response_with_its_length_is_forwarded_as_declared():
         got = await read_response(r)
         w.close()
     assert b"Content-Length: 41\r\n" in head and got[2] == b"clean", (head, got)
+
+
+# Response heads over the limits
+
+
+async def _endless_head_peer(prefix: bytes, filler: bytes, closed: asyncio.Event):
+    """A peer that answers every request with ``prefix`` then ``filler`` until it has sent
+    16 MiB or the LB closes the connection (``closed`` is set then)."""
+
+    async def handle(reader, writer):
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(prefix)
+            for _ in range(16 * 1024 * 1024 // len(filler)):
+                writer.write(filler)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            closed.set()
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "filler"),
+    [
+        (b"HTTP/1.1 200 OK\r\nX-A: ", b"a" * 65536),  # one field that never ends
+        (b"HTTP/1.1 200 OK\r\n", b"X-B: b\r\n" * 8192),  # fields without end
+        (b"HTTP/1.1 200 OK\r\n" + b"X-C: c\r\n" * 150 + b"\r\n", b"x" * 8192),  # too many
+    ],
+    ids=["endless-field", "endless-head", "too-many-fields"],
+)
+async def test_response_head_over_the_limits_is_a_502(prefix, filler):
+    """A peer's response head is bounded like a request head: 502 to the client, a gateway
+    failure of the endpoint, the connection closed (not held until the request timeout)."""
+    closed = asyncio.Event()
+    srv = await _endless_head_peer(prefix, filler, closed)
+    ep = Endpoint("127.0.0.1", srv.sockets[0].getsockname()[1])
+    try:
+        async with lb_in_process([ep], retries=0, hash_on=()) as lb:
+            r, w = await asyncio.open_connection("127.0.0.1", lb.port)
+            w.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            async with asyncio.timeout(10):
+                status, _, _ = await read_response(r)
+                await closed.wait()
+            w.close()
+            [state] = lb.cluster.view.states
+            assert status == 502 and state.failures == 1
+            m = lb.cluster.detector.monitors[ep.key]
+            assert m.consecutive_gateway == 1
+    finally:
+        srv.close()
