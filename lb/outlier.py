@@ -36,6 +36,9 @@ class Outcome(enum.Enum):
     CONNECT_FAILED = "connect_failed"
     RESET = "reset"  # the connection closed or reset before a complete response
     TIMEOUT = "timeout"
+    # The client did not send its whole request in time: nobody's failure upstream, never
+    # recorded against an endpoint (answered 408).
+    CLIENT_TIMEOUT = "client_timeout"
 
     @classmethod
     def from_status(cls, status: int) -> Outcome:

@@ -947,6 +947,11 @@ class Downstream(asyncio.Protocol):
             up.abort()
             if up.started:
                 self.abort()
+            req = x.req
+            if not req.ended and req.head.upgrade is None and not self.upstream_full:
+                # The body stopped arriving while the peer was ready to read it: the
+                # client was slow, not the peer (nginx client_body_timeout → 408).
+                return Outcome.CLIENT_TIMEOUT
         elif up.reusable and up.done is None and not up.upgraded:
             state.put_idle(up, now, x.cluster.config.pool_max_idle)
         elif not up.upgraded:
@@ -1014,6 +1019,8 @@ class Downstream(asyncio.Protocol):
             return
         if outcome is Outcome.TIMEOUT:
             self._local(req, 504, cluster=cluster)
+        elif outcome is Outcome.CLIENT_TIMEOUT:
+            self._local(req, 408, cluster=cluster)
         elif outcome is Outcome.GATEWAY:
             self._local(req, 503 if up is None else (up.status or 502), cluster=cluster)
         else:

@@ -119,7 +119,7 @@ OPTIONS = (
     Option("per-try-timeout", _seconds(0, 3600), 0.0, "timeout of one try, seconds (0: only --request-timeout)"),
     Option("retry-budget", number(0, 100), 20.0, "retries as a percent of requests over the last 10 s (plus 10/s)"),
     Option("connect-timeout", _seconds(0.01, 600), 2.0, "upstream connect timeout, seconds"),
-    Option("request-timeout", _seconds(0.01, 86400), 30.0, "whole upstream response timeout, seconds"),
+    Option("request-timeout", _seconds(0.01, 86400), 30.0, "whole exchange timeout, seconds (a request body still arriving then is answered 408)"),
     Option("idle-timeout", _seconds(0, 86400), 60.0, "client keep-alive idle timeout, seconds (0: none)"),
     Option("header-timeout", _seconds(0, 3600), HEADER_TIMEOUT, "a request head must be complete this long after the connection opens (later requests: after their first byte), else 408; seconds (0: none)"),
     Option("max-connections", integer(1, 10_000_000), MAX_CONNECTIONS, "open client connections past which new ones are closed at once"),

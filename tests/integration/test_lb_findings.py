@@ -139,3 +139,42 @@ async def test_response_head_over_the_limits_is_a_502(prefix, filler):
             assert m.consecutive_gateway == 1
     finally:
         srv.close()
+
+
+# Slow request bodies
+
+
+async def test_slow_request_body_is_a_408_and_does_not_eject_the_endpoint():
+    """Clients that send part of a body and stop: the request timeout answers 408 (the
+    client was slow, not the peer) and records nothing against the endpoint, so a few such
+    clients cannot eject a healthy peer."""
+    from lb.outlier import OutlierConfig
+    from tests.integration.test_lb_support import backends
+
+    outlier = OutlierConfig(latency_factor=0)
+    async with (
+        backends(2) as bs,
+        lb_in_process(bs, request_timeout=1.0, outlier=outlier) as lb,
+    ):
+        conns = []
+        for _ in range(3):
+            r, w = await asyncio.open_connection("127.0.0.1", lb.port)
+            w.write(b"POST /up HTTP/1.1\r\nHost: a\r\nX-User: u\r\nContent-Length: 100\r\n\r\n")
+            w.write(b"0123456789")
+            conns.append((r, w))
+        answers = []
+        for r, w in conns:
+            async with asyncio.timeout(5):
+                answers.append((await r.read())[:12])
+            w.close()
+        assert answers == [b"HTTP/1.1 408"] * 3
+        assert not any(lb.cluster.detector.is_ejected(b.key) for b in bs)
+        assert sum(s.failures for s in lb.cluster.view.states) == 0
+        assert lb.server.stats.local.get(408) == 3
+        # The endpoint still serves a whole request.
+        r, w = await asyncio.open_connection("127.0.0.1", lb.port)
+        w.write(b"POST /up HTTP/1.1\r\nHost: a\r\nX-User: u\r\nContent-Length: 2\r\n\r\nok")
+        async with asyncio.timeout(5):
+            status, _, _ = await read_response(r)
+        w.close()
+        assert status == 200
