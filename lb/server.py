@@ -178,7 +178,10 @@ class Server:
         for srv in self.servers:
             srv.close()
         for conn in list(self.connections):
-            if not conn.busy and not conn.queue and conn.tunnel is None:
+            # Idle between requests: close. A connection whose head is awaited (accepted
+            # just before the drain, or mid-head) keeps the header timeout to send it; that
+            # one request is served with Connection: close (the drain timeout bounds both).
+            if not conn.busy and not conn.queue and conn.tunnel is None and not conn.head_since:
                 conn.close()
         try:
             async with asyncio.timeout(timeout):

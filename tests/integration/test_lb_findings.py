@@ -178,3 +178,30 @@ async def test_slow_request_body_is_a_408_and_does_not_eject_the_endpoint():
             status, _, _ = await read_response(r)
         w.close()
         assert status == 200
+
+
+# Drain
+
+
+async def test_sigterm_serves_a_connection_accepted_before_it():
+    """A connection accepted before SIGTERM whose request arrives during the drain is served
+    once, with Connection: close; the drain then ends clean."""
+    from tests.integration.test_lb_support import LBProcess, backends
+
+    async with backends(1) as bs:
+        lb = await LBProcess("--endpoints", bs[0].key, "--drain-timeout", "5").start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", lb.http_port)
+        try:
+            await asyncio.sleep(0.2)  # accepted by the LB, request not sent yet
+            lb.proc.send_signal(15)
+            await asyncio.sleep(0.1)
+            writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            async with asyncio.timeout(5):
+                status, headers, _ = await read_response(reader)
+                rest = await reader.read()
+                rc = await lb.proc.wait()
+        finally:
+            writer.close()
+            await lb.stop()
+        assert status == 200 and headers.get("connection") == "close" and rest == b""
+        assert rc == 0 and any("drained" in line and "cut" not in line for line in lb.log)
