@@ -369,6 +369,11 @@ async def _main(values, p: Plan, socks, admin_sock, worker: int, children: list[
             pass
     log.info("draining: %d connections", len(server.connections))
     clean = await server.drain(values["drain_timeout"])
+    # Drained: a repeated signal must not kill the process halfway through its clean exit
+    # (the loop restores the default handlers when it closes).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
     log.info("drained%s", "" if clean else " (some connections cut at the drain timeout)")
     if runner is not None:
         await runner.cleanup()

@@ -58,10 +58,20 @@ def _instances(n: int) -> list[tuple[str, str, int]]:
 
 
 def _free_udp_port() -> socket.socket:
-    """A bound UDP socket; the child server gets it (no port guessing, no race)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    return sock
+    """A bound UDP socket whose port number is free for TCP too; the child server gets it
+    (mesh) or binds that number itself (dnsmasq binds UDP and TCP)."""
+    for _ in range(50):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            probe.bind(("127.0.0.1", sock.getsockname()[1]))
+            return sock
+        except OSError:
+            sock.close()
+        finally:
+            probe.close()
+    raise RuntimeError("no port free for both UDP and TCP")
 
 
 # The two servers
