@@ -200,6 +200,12 @@ def metrics_text(server: Server, gauges: Gauges | None = None) -> str:
     )
     sample("mesh_lb_connections_refused_total", {}, server.stats.connections_refused)
     family(
+        "mesh_lb_idle_connections_reaped_total",
+        "counter",
+        "Idle keep-alive client connections closed to admit a new one at --max-connections.",
+    )
+    sample("mesh_lb_idle_connections_reaped_total", {}, server.stats.idle_reaped)
+    family(
         "mesh_lb_header_timeouts_total",
         "counter",
         "Client connections answered 408: the request head took longer than --header-timeout.",

@@ -630,8 +630,9 @@ class Downstream(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         server = self.server
-        if len(server.connections) >= server.max_connections:
-            # Over the limit: close at once, before any state is kept for it.
+        if len(server.connections) >= server.max_connections and not server.reap_idle():
+            # Over the limit and no idle connection to close instead: close this one at
+            # once, before any state is kept for it.
             server.stats.connections_refused += 1
             self.closed = True
             transport.abort()

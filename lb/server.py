@@ -30,6 +30,11 @@ HEADER_TIMEOUT = 10.0
 # 20000-file limit with room for upstream connections (nginx worker_connections 512,
 # HAProxy maxconn from the file limit, Envoy's overload manager max connections).
 MAX_CONNECTIONS = 10_000
+# At the limit, the longest-idle keep-alive connection is closed to make room for a new
+# one (nginx ngx_drain_connections, HAProxy and Envoy reap idle connections under
+# pressure). A search that finds none is not repeated for this long: a flood of new
+# connections while every one is busy costs no more than refusing them.
+REAP_RETRY = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +61,7 @@ class ServerStats:
     def __init__(self) -> None:
         self.connections_total = 0
         self.connections_refused = 0  # closed at once: over max_connections
+        self.idle_reaped = 0  # idle keep-alive connections closed to admit a new one
         self.header_timeouts = 0
         self.upgrades = 0
         self.local: dict[int, int] = {}
@@ -103,6 +109,7 @@ class Server:
         self._tasks: list[asyncio.Task] = []
         self._empty = asyncio.Event()
         self._empty.set()
+        self._reap_after = 0.0
 
     def __repr__(self) -> str:
         return f"<Server listeners={len(self.servers)} connections={len(self.connections)} draining={self.draining}>"
@@ -123,6 +130,31 @@ class Server:
         self.connections.add(conn)
         self.stats.connections_total += 1
         self._empty.clear()
+
+    def reap_idle(self) -> bool:
+        """At the connection limit: close the longest-idle keep-alive connection (served,
+        between requests, nothing in progress). True when one was closed."""
+        now = time.monotonic()
+        if now < self._reap_after or self.draining:
+            return False
+        oldest = None
+        for conn in self.connections:
+            if (
+                not conn.busy
+                and not conn.queue
+                and not conn.head_since
+                and conn.tunnel is None
+                and conn.transport is not None
+                and not conn.transport.is_closing()
+                and (oldest is None or conn.idle_since < oldest.idle_since)
+            ):
+                oldest = conn
+        if oldest is None:
+            self._reap_after = now + REAP_RETRY
+            return False
+        self.stats.idle_reaped += 1
+        oldest.close()
+        return True
 
     def connection_finished(self, conn: Downstream) -> None:
         self.connections.discard(conn)

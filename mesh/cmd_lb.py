@@ -122,7 +122,7 @@ OPTIONS = (
     Option("request-timeout", _seconds(0.01, 86400), 30.0, "whole exchange timeout, seconds (a request body still arriving then is answered 408)"),
     Option("idle-timeout", _seconds(0, 86400), 60.0, "client keep-alive idle timeout, seconds (0: none)"),
     Option("header-timeout", _seconds(0, 3600), HEADER_TIMEOUT, "a request head must be complete this long after the connection opens (later requests: after their first byte), else 408; seconds (0: none)"),
-    Option("max-connections", integer(1, 10_000_000), MAX_CONNECTIONS, "open client connections past which new ones are closed at once"),
+    Option("max-connections", integer(1, 10_000_000), MAX_CONNECTIONS, "open client connections; at the limit the longest-idle keep-alive one is closed for a new one, else the new one is closed at once"),
     Option("pool-max-idle", integer(0, 100_000), 64, "idle upstream connections kept per endpoint"),
     Option("pool-idle-timeout", _seconds(0.1, 86400), 30.0, "idle upstream connections expire after this, seconds"),
     Option("drain-timeout", _seconds(0, 3600), 30.0, "on SIGTERM, how long requests in flight may take"),

@@ -205,3 +205,36 @@ async def test_sigterm_serves_a_connection_accepted_before_it():
             await lb.stop()
         assert status == 200 and headers.get("connection") == "close" and rest == b""
         assert rc == 0 and any("drained" in line and "cut" not in line for line in lb.log)
+
+
+# The connection limit
+
+
+async def test_idle_keepalive_connections_make_room_for_new_clients():
+    """At the connection limit, served keep-alive connections idle between requests do not
+    keep new clients out: the longest-idle one is closed to admit the new client."""
+    from tests.integration.test_lb_support import backends
+
+    async with backends(1) as bs, lb_in_process(bs, max_connections=20, hash_on=()) as lb:
+        held = []
+        try:
+            for _ in range(20):
+                r, w = await asyncio.open_connection("127.0.0.1", lb.port)
+                held.append((r, w))
+                w.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+                status, _, _ = await read_response(r)
+                assert status == 200  # served; now idle, kept alive
+            r, w = await asyncio.open_connection("127.0.0.1", lb.port)
+            held.append((r, w))
+            w.write(b"GET /new HTTP/1.1\r\nHost: a\r\n\r\n")
+            async with asyncio.timeout(5):
+                status, _, _ = await read_response(r)
+                # One of the idle ones (the longest idle; the loop clock may tie them) closed.
+                while sum(hr.at_eof() for hr, _ in held[:20]) != 1:
+                    await asyncio.sleep(0.01)
+            assert status == 200
+            assert lb.server.stats.idle_reaped == 1
+            assert lb.server.stats.connections_refused == 0
+        finally:
+            for _, w in held:
+                w.close()
