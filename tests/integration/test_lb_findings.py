@@ -238,3 +238,32 @@ async def test_idle_keepalive_connections_make_room_for_new_clients():
         finally:
             for _, w in held:
                 w.close()
+
+
+async def test_head_503_dropped_for_a_retry_does_not_wait_for_its_declared_length():
+    """A 503 to a HEAD, dropped so the request is retried elsewhere, has no body whatever
+    its Content-Length says: the retry follows at once (no wait for the request timeout)."""
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 10\r\n\r\n")
+        except Exception:
+            pass
+        finally:
+            writer.close()
+
+    srvs = [await asyncio.start_server(handle, "127.0.0.1", 0) for _ in range(2)]
+    eps = [Endpoint("127.0.0.1", s.sockets[0].getsockname()[1]) for s in srvs]
+    try:
+        async with lb_in_process(eps, retries=1, hash_on=(), request_timeout=3.0) as lb:
+            r, w = await asyncio.open_connection("127.0.0.1", lb.port)
+            w.write(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n")
+            head = await r.readuntil(b"\r\n\r\n")
+            w.close()
+            assert head.startswith(b"HTTP/1.1 503 "), head  # the second try's, not a 504
+            assert lb.cluster.stats.retries == 1
+    finally:
+        for s in srvs:
+            s.close()
