@@ -22,6 +22,7 @@ import aiohttp
 
 from mesh import runtime
 from mesh.cli import Command
+from mesh.cmd_resolve import query
 from mesh.config import Option, format_host_port, integer, number
 from mesh.devmode import HASH_HEADER, SERVICE, DevMesh, DevModeError
 
@@ -101,13 +102,10 @@ async def _key_owners(url: str) -> dict[str, str]:
 
 async def resolve_srv(server: tuple[str, int], name: str = SRV_NAME) -> list[tuple[str, int]]:
     """SRV targets and ports through a sidecar, with c-ares. NXDOMAIN is an empty answer."""
-    resolver = aiodns.DNSResolver(nameservers=[f"{server[0]}:{server[1]}"], timeout=1.0, tries=2)
     try:
-        result = await resolver.query_dns(name, "SRV")
+        result = await query(name, "SRV", server, 1.0)
     except aiodns.error.DNSError:
         return []
-    finally:
-        await resolver.close() if asyncio.iscoroutinefunction(resolver.close) else resolver.close()
     return sorted((r.data.target, r.data.port) for r in result.answer if r.type == 33)
 
 

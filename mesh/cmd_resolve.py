@@ -28,14 +28,19 @@ def _setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME", help="the name, e.g. _web._tcp.service.mesh")
 
 
-async def lookup(name: str, rdtype: str, server: tuple[str, int], timeout: float) -> list[str]:
+async def query(name: str, rdtype: str, server: tuple[str, int], timeout: float) -> Any:
+    """One lookup through ``server`` with c-ares; raises ``aiodns.error.DNSError``."""
     resolver = aiodns.DNSResolver(
         nameservers=[format_host_port(server)], timeout=timeout, tries=2, rotate=False
     )
     try:
-        result = await resolver.query_dns(name, rdtype)
+        return await resolver.query_dns(name, rdtype)
     finally:
         await resolver.close()
+
+
+async def lookup(name: str, rdtype: str, server: tuple[str, int], timeout: float) -> list[str]:
+    result = await query(name, rdtype, server, timeout)
     glue: dict[str, list[str]] = {}
     for rr in result.additional:
         addr = getattr(rr.data, "addr", None)
