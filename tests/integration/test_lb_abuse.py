@@ -29,7 +29,13 @@ import httptools
 import pytest
 
 from lb.endpoints import Endpoint
-from tests.integration.test_lb_support import LBProcess, backends, lb_in_process, read_response
+from tests.integration.test_lb_support import (
+    LBProcess,
+    OnLoopback,
+    backends,
+    lb_in_process,
+    read_response,
+)
 
 # A raw-socket upstream that records bytes
 
@@ -89,7 +95,7 @@ class _Conn:
             self.feed(data[int(exc.args[0]) :])
 
 
-class Recorder:
+class Recorder(OnLoopback):
     """Upstream on a raw socket: keeps every byte and every request it parsed, answers
     ``200 ok`` to each complete request. Framing errors are recorded, never raised."""
 
@@ -100,10 +106,6 @@ class Recorder:
         self.connections = 0
         self.port = 0
         self._srv: asyncio.Server | None = None
-
-    @property
-    def endpoint(self) -> Endpoint:
-        return Endpoint("127.0.0.1", self.port)
 
     async def start(self) -> Recorder:
         sock = socket.create_server(("127.0.0.1", 0))

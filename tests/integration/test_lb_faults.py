@@ -23,13 +23,14 @@ from lb.server import DEADLINE_TICK
 from tests.integration.test_lb_support import (
     BackendProcess,
     LBProcess,
+    OnLoopback,
     backends,
     lb_in_process,
     read_response,
 )
 
 
-class HangingPeer:
+class HangingPeer(OnLoopback):
     """Accepts connections and reads requests, never answers."""
 
     def __init__(self) -> None:
@@ -38,14 +39,6 @@ class HangingPeer:
         self._writers: list[asyncio.StreamWriter] = []
         self._srv: asyncio.Server | None = None
         self.port = 0
-
-    @property
-    def endpoint(self) -> Endpoint:
-        return Endpoint("127.0.0.1", self.port)
-
-    @property
-    def key(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
     async def start(self) -> HangingPeer:
         sock = socket.create_server(("127.0.0.1", 0))

@@ -35,14 +35,10 @@ class Seen:
     body_len: int
 
 
-@dataclass
-class Backend:
-    name: str
-    port: int = 0
-    fail_status: int = 0  # answer this status to everything when set
-    delay: float = 0.0
-    seen: list[Seen] = field(default_factory=list)
-    runner: web.AppRunner | None = None
+class OnLoopback:
+    """A peer listening on 127.0.0.1:``port``, as an LB endpoint."""
+
+    port: int
 
     @property
     def endpoint(self) -> Endpoint:
@@ -51,6 +47,16 @@ class Backend:
     @property
     def key(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+
+@dataclass
+class Backend(OnLoopback):
+    name: str
+    port: int = 0
+    fail_status: int = 0  # answer this status to everything when set
+    delay: float = 0.0
+    seen: list[Seen] = field(default_factory=list)
+    runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=2**31)
@@ -320,19 +326,11 @@ asyncio.run(main())
 """
 
 
-class BackendProcess:
+class BackendProcess(OnLoopback):
     def __init__(self, name: str) -> None:
         self.name = name
         self.port = 0
         self.proc: asyncio.subprocess.Process | None = None
-
-    @property
-    def endpoint(self) -> Endpoint:
-        return Endpoint("127.0.0.1", self.port)
-
-    @property
-    def key(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
     async def start(self) -> BackendProcess:
         self.proc = await asyncio.create_subprocess_exec(
