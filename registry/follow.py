@@ -40,14 +40,6 @@ def hold_missing(held: Snapshot | None, fresh: Snapshot) -> Snapshot:
     return Snapshot.of([*fresh.instances, *kept], fresh.revision)
 
 
-def _raise_if_cancelling() -> None:
-    """pymongo's async client can finish an operation that was cancelled mid-flight instead
-    of raising CancelledError; notice the pending cancellation ourselves."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
 class Follower:
     """Feed every new snapshot to ``on_snapshot``; say when the registry is up or down.
 
@@ -94,7 +86,6 @@ class Follower:
             while True:
                 try:
                     async for snap in self._store.watch():
-                        _raise_if_cancelling()
                         if not self.connected:
                             if down_logged:
                                 log.info(
@@ -119,7 +110,6 @@ class Follower:
                     self.failures += 1
                     self.connected = False
                     log.error("%s: %s", self._name, exc)
-                _raise_if_cancelling()
                 await asyncio.sleep(self._backoff.next_delay())
         finally:
             if self._grace_task is not None:

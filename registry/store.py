@@ -281,8 +281,8 @@ class RegistryStore:
             while True:
                 timeout = self._sleep_for(last, 3600.0)
                 try:
-                    async with self._errors("watch"):
-                        await asyncio.wait_for(stream.next(), timeout=timeout)
+                    async with asyncio.timeout(timeout), self._errors("watch"):
+                        await stream.next()
                         while await stream.try_next() is not None:
                             pass
                 except TimeoutError:
@@ -301,19 +301,32 @@ class RegistryStore:
 
 
 class _Translate:
-    """Turn pymongo's connection errors into one RegistryUnavailable naming the URL."""
+    """Turn pymongo's connection errors into one RegistryUnavailable naming the URL, and
+    never let a cancellation be lost inside an operation.
 
-    __slots__ = ("_store", "_op")
+    On Python 3.11, ``asyncio.wait_for`` returns the result when the awaited operation
+    finishes in the same loop iteration as a ``cancel()`` of the caller, and the
+    cancellation is gone (fixed in 3.12). pymongo's async client awaits ``wait_for``
+    inside its socket reads, so about one cancel in fifty of a busy reader was lost and a
+    task told to stop polled the registry forever. The task still counts the request
+    (``Task.cancelling()``): an operation that returns normally while the count rose is
+    turned back into the CancelledError it swallowed.
+    """
+
+    __slots__ = ("_store", "_op", "_task", "_cancelling")
 
     def __init__(self, store: RegistryStore, op: str) -> None:
         self._store = store
         self._op = op
 
     async def __aenter__(self) -> None:
-        return None
+        self._task = asyncio.current_task()
+        self._cancelling = self._task.cancelling() if self._task is not None else 0
 
     async def __aexit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
         if exc is None:
+            if self._task is not None and self._task.cancelling() > self._cancelling:
+                raise asyncio.CancelledError
             return False
         where = mask_url(self._store.url) or self._store._db.name
         if isinstance(exc, ServerSelectionTimeoutError | ConnectionFailure):
