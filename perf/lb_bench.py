@@ -4,7 +4,12 @@ Three identical backends (one nginx answering a fixed body on three ports), then
 configured the same way (consistent hash on the X-User header, keep-alive upstreams),
 each pinned to the same core, driven by wrk on the other core at c50 and c200 in
 interleaved rounds. Prints req/s, p50/p99 latency and the LB's CPU µs per request (from
-/proc/PID/stat, all of the LB's processes), and the ratios to nginx.
+/proc/PID/stat, all of the LB's processes), split into user and kernel time, and the
+ratios to nginx.
+
+Beside them runs ``perf/bare_proxy.py``, uvloop and httptools forwarding bytes with no
+proxy logic at all: the floor of an asyncio proxy. mesh's CPU per request minus the
+floor's is what mesh's own per-request work costs.
 
     sudo .venv/bin/python perf/lb_bench.py [--rounds 3] [--duration 10]
 
@@ -67,15 +72,17 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"port {port} did not open")
 
 
-def cpu_ticks(pids: list[int]) -> int:
-    total = 0
+def cpu_ticks(pids: list[int]) -> tuple[int, int]:
+    """(user, kernel) clock ticks of ``pids``."""
+    user = kernel = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except FileNotFoundError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total
+        user += int(fields[11])
+        kernel += int(fields[12])
+    return user, kernel
 
 
 def tree(pid: int) -> list[int]:
@@ -180,6 +187,9 @@ def start_lbs(work: Path, backends: list[int], lbs: list[Proc]) -> None:
             work,
         )  # fmt: skip
     )
+    port = free_port()
+    argv = [sys.executable, "-m", "perf.bare_proxy", str(port), str(backends[0])]
+    lbs.append(Proc("floor", argv, port, work))
     return lbs
 
 
@@ -209,14 +219,15 @@ def run_wrk(
     return requests, rps, parse_latency(out, "50"), parse_latency(out, "99"), note
 
 
-Results = dict[tuple[str, int], list[tuple[int, float, float, float, float]]]
+# Per (LB, connections), one tuple per round:
+# (requests, req/s, p50 ms, p99 ms, CPU µs per request, user µs, kernel µs).
+Results = dict[tuple[str, int], list[tuple[int, float, float, float, float, float, float]]]
 
 
 def bench(
     *, rounds: int, duration: int, conns: tuple[int, ...], warmup: int = 2, echo: bool = True
 ) -> Results:
-    """Run every LB at each concurrency in interleaved rounds; per (lb, conns) the rounds'
-    (requests, req/s, p50 ms, p99 ms, CPU µs per request)."""
+    """Run every LB at each concurrency in interleaved rounds (see ``Results``)."""
     work = Path(tempfile.mkdtemp(prefix="lb-bench-"))
     lua = work / "keys.lua"
     lua.write_text(WRK_LUA)
@@ -230,14 +241,18 @@ def bench(
         for r in range(rounds):
             for c in conns:
                 for lb in lbs:
-                    t0 = cpu_ticks(lb.pids())
+                    u0, k0 = cpu_ticks(lb.pids())
                     n, rps, p50, p99, note = run_wrk(lb.port, c, duration, lua)
-                    cpu_us = (cpu_ticks(lb.pids()) - t0) / TICK * 1e6 / max(1, n)
-                    results.setdefault((lb.name, c), []).append((n, rps, p50, p99, cpu_us))
+                    u1, k1 = cpu_ticks(lb.pids())
+                    per = 1e6 / TICK / max(1, n)
+                    user_us, kernel_us = (u1 - u0) * per, (k1 - k0) * per
+                    results.setdefault((lb.name, c), []).append(
+                        (n, rps, p50, p99, user_us + kernel_us, user_us, kernel_us)
+                    )
                     if echo:
                         print(
                             f"round {r + 1} c{c:<4} {lb.name:8} {rps:9.0f} req/s  p50 {p50:6.2f} ms"
-                            f"  p99 {p99:6.2f} ms  cpu {cpu_us:5.1f} µs/req {note}",
+                            f"  p99 {p99:6.2f} ms  cpu {user_us + kernel_us:5.1f} µs/req ({user_us:.1f} user) {note}",
                             flush=True,
                         )
     finally:
@@ -249,11 +264,11 @@ def bench(
     return results
 
 
-def medians(results: Results, name: str, conns: int) -> tuple[float, float, float, float]:
-    """Median over rounds of (req/s, p50 ms, p99 ms, CPU µs per request)."""
+def medians(results: Results, name: str, conns: int) -> tuple[float, ...]:
+    """Median over rounds of (req/s, p50 ms, p99 ms, CPU µs, user µs, kernel µs) per request."""
     rows = results[(name, conns)]
     med = [sorted(col)[len(col) // 2] for col in zip(*rows, strict=True)]
-    return med[1], med[2], med[3], med[4]
+    return tuple(med[1:])
 
 
 def rows(quick: bool) -> list:
@@ -269,14 +284,35 @@ def rows(quick: bool) -> list:
     results = bench(rounds=rounds, duration=duration, conns=conns, warmup=warmup, echo=False)
     out = []
     for c in conns:
-        rps, _, p99, cpu = medians(results, "mesh", c)
-        n_rps, _, n_p99, n_cpu = medians(results, "nginx", c)
-        h_rps, _, _, h_cpu = medians(results, "haproxy", c)
+        rps, _, p99, cpu, user, kernel = medians(results, "mesh", c)
+        n_rps, _, n_p99, n_cpu, n_user, n_kernel = medians(results, "nginx", c)
+        h_rps, _, _, h_cpu, _, _ = medians(results, "haproxy", c)
+        f_cpu, f_user = medians(results, "floor", c)[3:5]
         note = f"median of {rounds} interleaved rounds of {duration} s"
         out += [
             Row(f"LB req/s, one core, c{c} (wrk)", rps, n_rps, "nginx", "≥ 0.9×", "req/s", note),
             Row(f"LB CPU per request, c{c} (user + system)", cpu, n_cpu, "nginx", "≤ 1.0×", "µs"),
             Row(f"LB p99 latency, c{c}", p99, n_p99, "nginx", "", "ms"),
+            Row(f"LB CPU per request, c{c}: user space", user, n_user, "nginx", "", "µs"),
+            Row(f"LB CPU per request, c{c}: kernel", kernel, n_kernel, "nginx", "", "µs"),
+            Row(
+                f"asyncio floor CPU per request, c{c} (uvloop + httptools, no proxy logic)",
+                f_cpu,
+                n_cpu,
+                "nginx",
+                "",
+                "µs",
+                "perf/bare_proxy.py",
+            ),
+            Row(
+                f"LB user-space CPU per request over the floor, c{c}",
+                user - f_user,
+                n_user,
+                "nginx",
+                "",
+                "µs",
+                "mesh's own per-request work",
+            ),
             Row(f"LB CPU per request, c{c}, vs HAProxy", cpu, h_cpu, "haproxy", "", "µs"),
             Row(f"LB req/s, one core, c{c}, vs HAProxy", rps, h_rps, "haproxy", "", "req/s"),
         ]
@@ -293,15 +329,16 @@ def main() -> int:
     conns = tuple(map(int, args.conns.split(",")))
     results = bench(rounds=args.rounds, duration=args.duration, conns=conns)
     print(
-        "\nmedian over rounds                 req/s    p50 ms   p99 ms  cpu µs/req  vs nginx (cpu, req/s)"
+        "\nmedian over rounds      req/s    p50 ms   p99 ms  cpu µs/req (user + kernel)"
+        "  vs nginx (cpu, req/s)"
     )
     for c in conns:
         base = medians(results, "nginx", c)
-        for name in ("nginx", "haproxy", "mesh"):
-            rps, p50, p99, cpu = medians(results, name, c)
+        for name in ("nginx", "haproxy", "mesh", "floor"):
+            rps, p50, p99, cpu, user, kernel = medians(results, name, c)
             print(
-                f"c{c:<4} {name:8}            {rps:10.0f} {p50:8.2f} {p99:8.2f} {cpu:10.1f}"
-                f"   {cpu / base[3]:.2f}x, {rps / base[0]:.2f}x"
+                f"c{c:<4} {name:8} {rps:10.0f} {p50:8.2f} {p99:8.2f} {cpu:6.1f} ({user:4.1f} + "
+                f"{kernel:4.1f})   {cpu / base[3]:.2f}x, {rps / base[0]:.2f}x"
             )
     return 0
 
