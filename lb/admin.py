@@ -1,9 +1,15 @@
-"""The admin port (aiohttp, off the data path): /healthz, /clusters, /metrics, /ring."""
+"""The admin port (aiohttp, off the data path): /healthz, /clusters, /metrics, /ring.
+
+With ``--workers N`` the admin port is served by the first worker, which asks the others
+for their figures on each request (see :mod:`lb.workers`): counters and histograms are
+summed, the data each worker holds on its own (panic, ejections, registry link) is shown
+per worker with a ``worker`` label.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -12,6 +18,32 @@ from lb.ring import hash_key
 from lb.server import Server
 
 Gauges = Callable[[], dict[str, float]]
+# Prometheus families as plain data, so that workers can send theirs to the admin worker:
+# (name, type, help, [(sample name, labels, value), …]).
+Sample = tuple[str, dict[str, str], float]
+Family = tuple[str, str, str, list[Sample]]
+# What the other workers report: each one's families and /clusters, or None when it did
+# not answer in time.
+Peers = Callable[[], Awaitable[list[dict | None]]]
+# Gauges that describe one worker's own state: shown per worker, never summed.
+PER_WORKER = frozenset(
+    {
+        "mesh_lb_panic",
+        "mesh_lb_endpoint_ejected",
+        "mesh_lb_endpoints",
+        "mesh_registry_connected",
+        "mesh_registry_snapshots",
+    }
+)
+# Per-endpoint figures of /clusters that add up across workers.
+SUMMED_ENDPOINT_FIELDS = (
+    "active_requests",
+    "requests",
+    "responses_5xx",
+    "failures",
+    "spills",
+    "idle_connections",
+)
 
 
 def _wall(monotonic_at: float) -> float:
@@ -89,15 +121,66 @@ def _esc(v: str) -> str:
 
 
 def metrics_text(server: Server, gauges: Gauges | None = None) -> str:
-    out: list[str] = []
+    return render_metrics(metric_families(server, gauges))
 
-    def family(name: str, kind: str, help_: str) -> None:
+
+def render_metrics(families: list[Family]) -> str:
+    """The Prometheus text exposition format."""
+    out: list[str] = []
+    for name, kind, help_, samples in families:
         out.append(f"# HELP {name} {help_}")
         out.append(f"# TYPE {name} {kind}")
+        for sname, labels, value in samples:
+            lab = ",".join(f'{k}="{_esc(str(v))}"' for k, v in labels.items())
+            out.append(f"{sname}{{{lab}}} {value}" if lab else f"{sname} {value}")
+    return "\n".join(out) + "\n"
+
+
+def merge_families(per_worker: list[list[Family]]) -> list[Family]:
+    """One worker's families from all of theirs (``per_worker[w]`` is worker w's): values
+    of the same sample and labels are summed, except the PER_WORKER gauges, which get a
+    ``worker`` label."""
+    merged: dict[str, tuple[str, str, dict[tuple, float]]] = {}
+    for w, families in enumerate(per_worker):
+        for name, kind, help_, samples in families:
+            acc = merged.setdefault(name, (kind, help_, {}))[2]
+            for sname, labels, value in samples:
+                if name in PER_WORKER:
+                    labels = {**labels, "worker": str(w)}
+                key = (sname, tuple(labels.items()))
+                acc[key] = acc.get(key, 0) + value
+    return [
+        (name, kind, help_, [(sname, dict(labels), v) for (sname, labels), v in acc.items()])
+        for name, (kind, help_, acc) in merged.items()
+    ]
+
+
+def merge_clusters(per_worker: list[list[dict]]) -> list[dict]:
+    """/clusters from every worker's: the first worker's view (health, ejections, tables)
+    with the per-endpoint counters summed over all of them."""
+    first = per_worker[0]
+    totals: dict[tuple[str, str], dict[str, float]] = {}
+    for clusters in per_worker[1:]:
+        for c in clusters:
+            for ep in c["endpoints"]:
+                t = totals.setdefault((c["name"], ep["address"]), {})
+                for field in SUMMED_ENDPOINT_FIELDS:
+                    t[field] = t.get(field, 0) + ep[field]
+    for c in first:
+        for ep in c["endpoints"]:
+            for field, value in totals.get((c["name"], ep["address"]), {}).items():
+                ep[field] += value
+    return first
+
+
+def metric_families(server: Server, gauges: Gauges | None = None) -> list[Family]:
+    out: list[Family] = []
+
+    def family(name: str, kind: str, help_: str) -> None:
+        out.append((name, kind, help_, []))
 
     def sample(name: str, labels: dict[str, str], value: float) -> None:
-        lab = ",".join(f'{k}="{_esc(str(v))}"' for k, v in labels.items())
-        out.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
+        out[-1][3].append((name, labels, value))
 
     clusters = server.clusters
     family("mesh_lb_requests_total", "counter", "Responses sent to clients, by code class.")
@@ -218,7 +301,7 @@ def metrics_text(server: Server, gauges: Gauges | None = None) -> str:
     for name, value in (gauges() if gauges else {}).items():
         family(name, "gauge", name.replace("_", " "))
         sample(name, {}, value)
-    return "\n".join(out) + "\n"
+    return out
 
 
 def ring_json(c: Cluster, key: str) -> dict:
@@ -257,20 +340,45 @@ def ring_json(c: Cluster, key: str) -> dict:
 
 
 def make_app(
-    server: Server, *, gauges: Gauges | None = None, ready: Callable[[], bool] | None = None
+    server: Server,
+    *,
+    gauges: Gauges | None = None,
+    ready: Callable[[], bool] | None = None,
+    peers: Peers | None = None,
 ) -> web.Application:
+    """``peers``: with several workers, asks the others for their report (see lb.workers)."""
     app = web.Application()
+
+    async def reports() -> list[dict | None]:
+        return await peers() if peers is not None else []
 
     async def healthz(request: web.Request) -> web.Response:
         ok = not server.draining and (ready() if ready else True)
         return web.json_response({"ok": ok, "draining": server.draining}, status=200 if ok else 503)
 
     async def clusters(request: web.Request) -> web.Response:
-        return web.json_response({"clusters": [cluster_json(c) for c in server.clusters]})
+        own = [cluster_json(c) for c in server.clusters]
+        others = [r["clusters"] for r in await reports() if r is not None]
+        return web.json_response({"clusters": merge_clusters([own, *others])})
 
     async def metrics(request: web.Request) -> web.Response:
+        families = metric_families(server, gauges)
+        if peers is not None:
+            got = await reports()
+            families = merge_families([families, *(r["metrics"] for r in got if r is not None)])
+            families.append(
+                (
+                    "mesh_lb_workers",
+                    "gauge",
+                    "Worker processes, by whether they answered the admin worker in time.",
+                    [
+                        ("mesh_lb_workers", {"state": "reporting"}, 1 + sum(r is not None for r in got)),
+                        ("mesh_lb_workers", {"state": "silent"}, sum(r is None for r in got)),
+                    ],
+                )
+            )
         return web.Response(
-            text=metrics_text(server, gauges),
+            text=render_metrics(families),
             content_type="text/plain",
             charset="utf-8",
             headers={"X-Content-Type-Options": "nosniff"},

@@ -14,6 +14,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -273,7 +274,13 @@ def run(values: dict[str, Any], ns: argparse.Namespace) -> int:
         return 2
     children: list[int] = []
     worker = 0
+    # Worker 0 serves the admin port and asks the others for their figures (lb.workers).
+    links: list[socket.socket] = []
     if workers > 1:
+        from lb.workers import socket_pairs
+
+        pairs = socket_pairs(workers)
+        links = [first for first, _ in pairs]
         addrs = [s.getsockname()[:2] for s in socks]
         for w in range(1, workers):
             pid = os.fork()
@@ -285,18 +292,29 @@ def run(values: dict[str, Any], ns: argparse.Namespace) -> int:
                 admin_sock = None
                 socks = [bind(h, port, reuse_port=True) for h, port in addrs]
                 children = []
+                for i, (first, other) in enumerate(pairs):
+                    first.close()
+                    if i != w - 1:
+                        other.close()
+                links = [pairs[w - 1][1]]
                 break
             children.append(pid)
+        if worker == 0:
+            for _, other in pairs:
+                other.close()
     from mesh import runtime
 
     try:
-        return runtime.run(_main(values, p, socks, admin_sock, worker, children))
+        return runtime.run(_main(values, p, socks, admin_sock, worker, children, links))
     except KeyboardInterrupt:
         return 130
 
 
-async def _main(values, p: Plan, socks, admin_sock, worker: int, children: list[int]) -> int:
-    from lb.admin import make_app, start_admin
+async def _main(
+    values, p: Plan, socks, admin_sock, worker: int, children: list[int], links: list
+) -> int:
+    from lb import workers as worker_link
+    from lb.admin import cluster_json, make_app, metric_families, start_admin
 
     routes = []
     feeds = []
@@ -345,11 +363,24 @@ async def _main(values, p: Plan, socks, admin_sock, worker: int, children: list[
             log.info("listening http=%s", format_host_port((host, port)))
     server.start()
     runner = None
+    gauges = feed.gauges if feed else None
+    answer_task = None
+    if worker > 0:
+
+        def report() -> dict:
+            return {
+                "metrics": metric_families(server, gauges),
+                "clusters": [cluster_json(c) for c in server.clusters],
+            }
+
+        answer_task = asyncio.create_task(worker_link.answer(links[0], report))
     if admin_sock is not None:
+        peers = [worker_link.Peer(sock, w) for w, sock in enumerate(links, start=1)]
         app = make_app(
             server,
-            gauges=feed.gauges if feed else None,
+            gauges=gauges,
             ready=lambda: all(c.ready.is_set() for c in server.clusters),
+            peers=(lambda: worker_link.ask_all(peers)) if peers else None,
         )
         runner = await start_admin(app, admin_sock)
         log.info("listening admin=%s", format_host_port(admin_sock.getsockname()[:2]))
@@ -377,6 +408,9 @@ async def _main(values, p: Plan, socks, admin_sock, worker: int, children: list[
     log.info("drained%s", "" if clean else " (some connections cut at the drain timeout)")
     if runner is not None:
         await runner.cleanup()
+    if answer_task is not None:
+        answer_task.cancel()
+        await asyncio.gather(answer_task, return_exceptions=True)
     if feed_task is not None:
         feed_task.cancel()
         try:

@@ -239,6 +239,43 @@ async def test_workers_share_the_port():
         assert lb.proc.returncode == 0
 
 
+def _samples(text: str, name: str) -> list:
+    return [
+        smp
+        for fam in text_string_to_metric_families(text)
+        for smp in fam.samples
+        if smp.name == name
+    ]
+
+
+async def test_workers_admin_port_counts_every_worker():
+    """With --workers 2 the admin port reports both workers: each of 40 new connections
+    lands on either (SO_REUSEPORT), and /metrics and /clusters count all 40 requests."""
+    n = 40
+    async with backends(2) as bs:
+        async with LBProcess("--endpoints", _eps(bs), "--workers", "2") as lb:
+            connector = aiohttp.TCPConnector(force_close=True)  # one connection per request
+            async with aiohttp.ClientSession(connector=connector) as s:
+                for i in range(n):
+                    async with s.get(lb.url + "/", headers={"X-User": f"u{i}"}) as r:
+                        assert r.status == 200
+                        await r.read()
+            async with aiohttp.ClientSession() as s:
+                async with s.get(lb.admin + "/metrics") as r:
+                    text = await r.text()
+                async with s.get(lb.admin + "/clusters") as r:
+                    clusters = (await r.json())["clusters"]
+        assert lb.proc.returncode == 0
+    served = _samples(text, "mesh_lb_requests_total")
+    assert sum(x.value for x in served if x.labels["code_class"] == "2xx") == n
+    workers = {x.labels["state"]: x.value for x in _samples(text, "mesh_lb_workers")}
+    assert workers == {"reporting": 2, "silent": 0}
+    # A worker's own state is shown per worker, never summed.
+    panic = {x.labels["worker"]: x.value for x in _samples(text, "mesh_lb_panic")}
+    assert panic == {"0": 0, "1": 0}
+    assert sum(ep["requests"] for ep in clusters[0]["endpoints"]) == n
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
