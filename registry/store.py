@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -41,6 +42,14 @@ REVISION_ID = "instances"
 DEFAULT_POLL_INTERVAL = 0.1  # s; the revision counter is one small read
 MAX_SKIPPED_REMEMBERED = 10_000  # bad documents logged once each; a bound on the memory
 MAX_UPDATE_TRIES = 16  # compare-and-swap retries; one instance has one writer, its sidecar
+# A watcher reads only the documents written since its last read (by revision). A writer
+# takes its revision before its write lands, so a read goes back to the revision counter
+# as it stood WATCH_LAG seconds before the previous read: every write that had taken its
+# revision by then has landed. A full read every RESYNC_INTERVAL is the backstop for a
+# write slower than that, and for a deregistration whose tombstone the TTL monitor removed
+# before the watcher saw it.
+WATCH_LAG = 1.0
+RESYNC_INTERVAL = 30.0
 SERVER_SELECTION_TIMEOUT_MS = 2000  # fail fast: callers keep their last snapshot and retry
 
 
@@ -65,6 +74,8 @@ class RegistryStore:
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         clock: Callable[[], datetime] = leases.utcnow,
         url: str = "",
+        watch_lag: float = WATCH_LAG,
+        resync_interval: float = RESYNC_INTERVAL,
     ) -> None:
         self._client = client
         self._db = client[database]
@@ -75,6 +86,9 @@ class RegistryStore:
         self.url = url
         self._change_streams: bool | None = None
         self._skipped: set[tuple[str, str, str]] = set()
+        self.watch_lag = watch_lag
+        self.resync_interval = resync_interval
+        self.watch_reads = 0  # documents read by watchers: their cost on the database
 
     @classmethod
     def from_url(cls, url: str = DEFAULT_URL, **kwargs: Any) -> RegistryStore:
@@ -105,6 +119,7 @@ class RegistryStore:
         async with self._errors("start"):
             await self._col.create_index([("service", ASCENDING), ("status", ASCENDING)])
             await self._col.create_index("lease_expires_at", expireAfterSeconds=0)
+            await self._col.create_index("revision")
             hello = await self._client.admin.command("hello")
         self._change_streams = bool(hello.get("setName")) or hello.get("msg") == "isdbgrid"
 
@@ -164,10 +179,22 @@ class RegistryStore:
         raise RegistryError(f"{op} {instance_id}: {MAX_UPDATE_TRIES} concurrent writers won")
 
     async def deregister(self, instance_id: str) -> bool:
+        """Replace the instance with a tombstone that watchers read like any change; its
+        lease has run out, so no read lists it and the TTL monitor removes it."""
+        now = self._clock()
         async with self._errors("deregister"):
-            await self._next_revision()
-            result = await self._col.delete_one({"_id": instance_id})
-        return result.deleted_count == 1
+            prev = await self._col.find_one({"_id": instance_id}, {"deleted": 1})
+            if prev is None:
+                return False  # never registered, or its tombstone is gone already
+            tomb = {
+                "_id": instance_id,
+                "deleted": True,
+                "revision": await self._next_revision(),
+                "lease_expires_at": now,
+                "updated_at": now,
+            }
+            await self._col.replace_one({"_id": instance_id}, tomb)
+        return not prev.get("deleted")
 
     async def _next_revision(self) -> int:
         doc = await self._counters.find_one_and_update(
@@ -195,19 +222,26 @@ class RegistryStore:
             query["status"] = "passing"
         async with self._errors("list"):
             docs = await self._col.find(query).to_list(None)
-        out = []
-        for doc in docs:
-            try:
-                inst = from_document(doc)
-            except InvalidDocument as exc:
-                self._skip(doc, exc)
-                continue
-            # The server compared with our clock already; check again so that a slow answer
-            # never resurrects a lease that ran out while it was in flight.
-            if leases.is_live(inst.lease_expires_at, self._clock()):
-                out.append(inst)
+        # The server compared with our clock already; check again so that a slow answer
+        # never resurrects a lease that ran out while it was in flight.
+        now = self._clock()
+        out = [
+            inst
+            for inst in map(self._decode, docs)
+            if inst is not None and leases.is_live(inst.lease_expires_at, now)
+        ]
         out.sort(key=lambda i: i.id)
         return out
+
+    def _decode(self, doc: dict[str, Any]) -> Instance | None:
+        """The instance a document holds; None for a tombstone or one that does not decode."""
+        if doc.get("deleted"):
+            return None
+        try:
+            return from_document(doc)
+        except InvalidDocument as exc:
+            self._skip(doc, exc)
+            return None
 
     def _skip(self, doc: dict[str, Any], exc: InvalidDocument) -> None:
         """Log a document that does not decode once per version of it, not on every read."""
@@ -245,52 +279,40 @@ class RegistryStore:
             async for snap in self._watch_polling():
                 yield snap
 
-    def _sleep_for(self, snap: Snapshot, ceiling: float) -> float:
-        now = self._clock()
-        nxt = leases.next_expiry((i.lease_expires_at for i in snap.instances), now)
-        if nxt is None:
-            return ceiling
-        return max(0.0, min(ceiling, (nxt - now).total_seconds() + 0.001))
-
     async def _watch_polling(self) -> AsyncIterator[Snapshot]:
-        last: Snapshot | None = None
-        seen_revision = -1
+        view = _WatchView(self)
         loop = asyncio.get_running_loop()
-        next_read = 0.0  # loop time of the next full read forced by a lease running out
         while True:
             revision = await self.revision()
-            if revision != seen_revision or loop.time() >= next_read:
-                snap = Snapshot.of(await self.list(), revision)
-                seen_revision = revision
-                next_read = loop.time() + self._sleep_for(snap, 3600.0)
-                if not snap.same_view(last):
-                    last = snap
+            view.observed(revision, loop.time())
+            if view.due(revision, loop.time()):
+                snap = await view.read(revision)
+                if snap is not None:
                     yield snap
-            await asyncio.sleep(min(self.poll_interval, max(0.0, next_read - loop.time())))
+            await asyncio.sleep(min(self.poll_interval, view.wait(loop.time())))
 
     async def _watch_change_stream(self) -> AsyncIterator[Snapshot]:
-        # Each event means "re-read": the snapshot is rebuilt from a full read, which keeps
-        # one code path for decoding and liveness. Events arriving together are coalesced.
-        last: Snapshot | None = None
+        # Each event means "read what changed"; events arriving together are coalesced.
+        view = _WatchView(self)
+        loop = asyncio.get_running_loop()
         async with self._errors("watch"):
-            stream = await self._col.watch(full_document="updateLookup")
+            stream = await self._col.watch()
         try:
-            snap = await self.snapshot()
-            last = snap
-            yield snap
             while True:
-                timeout = self._sleep_for(last, 3600.0)
+                revision = await self.revision()
+                view.observed(revision, loop.time())
+                snap = await view.read(revision)
+                if snap is not None:
+                    yield snap
                 try:
-                    async with asyncio.timeout(timeout), self._errors("watch"):
+                    # Also wake when a lease runs out, and after the lag, so that a write
+                    # whose event came before its document is read again.
+                    async with asyncio.timeout(view.wait(loop.time())), self._errors("watch"):
                         await stream.next()
                         while await stream.try_next() is not None:
                             pass
                 except TimeoutError:
                     pass
-                snap = await self.snapshot()
-                if not snap.same_view(last):
-                    last = snap
-                    yield snap
         finally:
             await stream.close()
 
@@ -340,6 +362,104 @@ class _Translate:
                 f"registry at {where} failed ({self._op}): {_short(exc)}"
             ) from exc
         return False
+
+
+class _WatchView:
+    """What one watcher has read: every instance by id, and up to which revision.
+
+    A read fetches only the documents whose revision is above ``low``, the counter as it
+    stood WATCH_LAG before the previous read began (see WATCH_LAG), and applies them;
+    tombstones remove. The first read, and one every RESYNC_INTERVAL, read everything.
+    """
+
+    def __init__(self, store: RegistryStore) -> None:
+        self._store = store
+        self._loop = asyncio.get_running_loop()
+        self.instances: dict[str, Instance] = {}
+        self.low: int | None = None  # None: the next read is a full one
+        self._history: deque[tuple[float, int]] = deque()  # (loop time, counter) seen
+        self._read_revision = -1
+        self._next_expiry = float("inf")  # loop time of the earliest lease to run out
+        self._resync_at = 0.0
+        self._last: Snapshot | None = None
+
+    def observed(self, revision: int, now: float) -> None:
+        history = self._history
+        if not history or history[-1][1] != revision:
+            history.append((now, revision))
+
+    def due(self, revision: int, now: float) -> bool:
+        """Whether a read is needed now (polling): a write, a lease running out, a
+        resync, or writes still inside the lag window."""
+        return (
+            revision != self._read_revision
+            or now >= self._next_expiry
+            or now >= self._resync_at
+            or (self.low is not None and self.low < revision)
+        )
+
+    def wait(self, now: float) -> float:
+        """Seconds until a read is due with no new write."""
+        until = min(self._next_expiry, self._resync_at)
+        if self.low is not None and self.low < self._read_revision:
+            until = min(until, now + self._store.watch_lag / 4)
+        return max(0.0, until - now)
+
+    async def read(self, revision: int) -> Snapshot | None:
+        """Read what changed; the new snapshot, or None when readers would see no change."""
+        store = self._store
+        began = self._loop.time()
+        if self.low is None or began >= self._resync_at:
+            insts = await store.list()
+            store.watch_reads += len(insts)
+            self.instances = {i.id: i for i in insts}
+            self._resync_at = began + store.resync_interval
+        else:
+            async with store._errors("watch"):
+                docs = await store._col.find({"revision": {"$gt": self.low}}).to_list(None)
+            store.watch_reads += len(docs)
+            for doc in docs:
+                inst = store._decode(doc)
+                if inst is None:
+                    self.instances.pop(str(doc.get("_id")), None)
+                else:
+                    self.instances[inst.id] = inst
+        self._read_revision = revision
+        self.low = self._low_before(began - store.watch_lag)
+        return self._snapshot(revision)
+
+    def _low_before(self, t: float) -> int | None:
+        """The counter as it stood at ``t``: the last value seen at or before it."""
+        history = self._history
+        while len(history) > 1 and history[1][0] <= t:
+            history.popleft()
+        if history and history[0][0] <= t:
+            return history[0][1] if self.low is None else max(self.low, history[0][1])
+        return self.low if self.low is not None else None
+
+    def _snapshot(self, revision: int) -> Snapshot | None:
+        store = self._store
+        now = store._clock()
+        live = []
+        expired = []
+        for inst in self.instances.values():
+            if leases.is_live(inst.lease_expires_at, now):
+                live.append(inst)
+            else:
+                expired.append(inst.id)
+        for key in expired:
+            del self.instances[key]  # a lease that ran out is renewed only by a new write
+        nxt = leases.next_expiry((i.lease_expires_at for i in live), now)
+        self._next_expiry = (
+            float("inf")
+            if nxt is None
+            else self._loop.time() + (nxt - now).total_seconds() + 0.001
+        )
+        snap = Snapshot.of(live, revision)
+        if snap.same_view(self._last):
+            return None
+        self._last = snap
+        return snap
 
 
 def _as_utc(value: Any) -> datetime | None:

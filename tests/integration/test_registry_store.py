@@ -9,6 +9,8 @@ import time
 import pytest
 
 from mesh.embedded_db import EmbeddedDB
+from registry import leases
+from registry.codec import to_document
 from registry.errors import InvalidInstance, RegistryUnavailable
 from registry.model import Instance
 from registry.store import RegistryStore, mask_url
@@ -182,4 +184,95 @@ async def test_a_cancelled_reader_always_stops(db_url):
                 await asyncio.wait([task], timeout=2)
         assert lost == 0, f"{lost} of 300 cancelled watchers kept running"
     finally:
+        await store.close()
+
+
+class _Watching:
+    """A watcher that keeps reading, as the LB and the sidecar do, into a queue."""
+
+    def __init__(self, store: RegistryStore) -> None:
+        self.snapshots: asyncio.Queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._run(store))
+
+    async def _run(self, store: RegistryStore) -> None:
+        async for snap in store.watch():
+            self.snapshots.put_nowait(snap)
+
+    async def until(self, want: set[str], timeout: float) -> float:
+        """Seconds until a snapshot holding exactly ``want`` arrives."""
+        t0 = time.monotonic()
+        async with asyncio.timeout(timeout):
+            while {i.id for i in (await self.snapshots.get()).instances} != want:
+                pass
+        return time.monotonic() - t0
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def _land(store: RegistryStore, instance: Instance, revision: int) -> None:
+    """Write a document the way a writer that took ``revision`` earlier finally lands it."""
+    now = leases.utcnow()
+    doc = to_document(instance)
+    doc.update(
+        lease_expires_at=leases.expiry(now, 60), updated_at=now, registered_at=now, revision=revision
+    )
+    await store._col.replace_one({"_id": instance.id}, doc, upsert=True)
+
+
+async def test_a_watcher_reads_only_what_changed(db_url):
+    """With 200 instances, one registration costs the watcher a few documents, not 200."""
+    store = RegistryStore.from_url(db_url, poll_interval=0.02, watch_lag=0.2)
+    watch = _Watching(store)
+    try:
+        names = {f"web/w{i}" for i in range(200)}
+        for i in range(200):
+            await store.register(inst(f"w{i}"), 60)
+        await watch.until(names, 10)
+        await asyncio.sleep(0.5)  # past the lag: the next read starts above these writes
+        before = store.watch_reads
+        await store.register(inst("new"), 60)
+        await watch.until(names | {"web/new"}, 5)
+        assert store.watch_reads - before < 20
+        await store.deregister("web/w0")
+        await watch.until((names | {"web/new"}) - {"web/w0"}, 5)
+        assert store.watch_reads - before < 40
+    finally:
+        await watch.close()
+        await store.close()
+
+
+async def test_a_write_that_lands_after_a_newer_one_is_still_seen(db_url):
+    """A writer takes its revision, another write lands and is read, then the first lands:
+    the watcher reads back over the lag and sees it, long before a resync."""
+    store = RegistryStore.from_url(db_url, poll_interval=0.02, watch_lag=0.5, resync_interval=60)
+    watch = _Watching(store)
+    try:
+        await watch.until(set(), 5)
+        await asyncio.sleep(0.7)
+        taken = await store._next_revision()  # the slow writer's revision
+        await store.register(inst("fast"), 60)
+        await watch.until({"web/fast"}, 5)
+        await _land(store, inst("slow"), taken)
+        assert await watch.until({"web/fast", "web/slow"}, 5) < 2
+    finally:
+        await watch.close()
+        await store.close()
+
+
+async def test_a_write_older_than_the_lag_is_seen_at_the_resync(db_url):
+    store = RegistryStore.from_url(db_url, poll_interval=0.02, watch_lag=0.1, resync_interval=1.5)
+    watch = _Watching(store)
+    try:
+        await store.register(inst("a"), 60)
+        await watch.until({"web/a"}, 5)
+        await asyncio.sleep(0.5)
+        await store.register(inst("b"), 60)
+        await watch.until({"web/a", "web/b"}, 5)
+        await asyncio.sleep(0.3)
+        await _land(store, inst("stalled"), 0)  # below everything read: only a resync finds it
+        await watch.until({"web/a", "web/b", "web/stalled"}, 5)
+    finally:
+        await watch.close()
         await store.close()
