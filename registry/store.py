@@ -15,7 +15,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument
@@ -38,6 +38,11 @@ DEFAULT_URL = "mongodb://127.0.0.1:27017/mesh"
 DEFAULT_DATABASE = "mesh"
 COLLECTION = "instances"
 COUNTERS = "counters"
+# What deregister removed, with the revision it took: watchers read removals as they read
+# changed documents. Kept REMOVALS_KEPT seconds (a TTL index, and pruned by deregister on
+# servers without TTL); a watcher away longer reads everything when it comes back.
+REMOVALS = "removals"
+REMOVALS_KEPT = 600
 REVISION_ID = "instances"
 DEFAULT_POLL_INTERVAL = 0.1  # s; the revision counter is one small read
 MAX_SKIPPED_REMEMBERED = 10_000  # bad documents logged once each; a bound on the memory
@@ -46,8 +51,7 @@ MAX_UPDATE_TRIES = 16  # compare-and-swap retries; one instance has one writer, 
 # takes its revision before its write lands, so a read goes back to the revision counter
 # as it stood WATCH_LAG seconds before the previous read: every write that had taken its
 # revision by then has landed. A full read every RESYNC_INTERVAL is the backstop for a
-# write slower than that, and for a deregistration whose tombstone the TTL monitor removed
-# before the watcher saw it.
+# write slower than that.
 WATCH_LAG = 1.0
 RESYNC_INTERVAL = 30.0
 SERVER_SELECTION_TIMEOUT_MS = 2000  # fail fast: callers keep their last snapshot and retry
@@ -81,6 +85,7 @@ class RegistryStore:
         self._db = client[database]
         self._col = self._db[COLLECTION]
         self._counters = self._db[COUNTERS]
+        self._removals = self._db[REMOVALS]
         self.poll_interval = poll_interval
         self._clock = clock
         self.url = url
@@ -120,6 +125,8 @@ class RegistryStore:
             await self._col.create_index([("service", ASCENDING), ("status", ASCENDING)])
             await self._col.create_index("lease_expires_at", expireAfterSeconds=0)
             await self._col.create_index("revision")
+            await self._removals.create_index("revision")
+            await self._removals.create_index("at", expireAfterSeconds=REMOVALS_KEPT)
             hello = await self._client.admin.command("hello")
         self._change_streams = bool(hello.get("setName")) or hello.get("msg") == "isdbgrid"
 
@@ -179,22 +186,18 @@ class RegistryStore:
         raise RegistryError(f"{op} {instance_id}: {MAX_UPDATE_TRIES} concurrent writers won")
 
     async def deregister(self, instance_id: str) -> bool:
-        """Replace the instance with a tombstone that watchers read like any change; its
-        lease has run out, so no read lists it and the TTL monitor removes it."""
+        """Delete the instance, and record the removal for watchers (see REMOVALS)."""
         now = self._clock()
         async with self._errors("deregister"):
-            prev = await self._col.find_one({"_id": instance_id}, {"deleted": 1})
-            if prev is None:
-                return False  # never registered, or its tombstone is gone already
-            tomb = {
-                "_id": instance_id,
-                "deleted": True,
-                "revision": await self._next_revision(),
-                "lease_expires_at": now,
-                "updated_at": now,
-            }
-            await self._col.replace_one({"_id": instance_id}, tomb)
-        return not prev.get("deleted")
+            revision = await self._next_revision()
+            result = await self._col.delete_one({"_id": instance_id})
+            if result.deleted_count:
+                removal = {"_id": instance_id, "revision": revision, "at": now}
+                await self._removals.replace_one({"_id": instance_id}, removal, upsert=True)
+                # The TTL index does this on MongoDB; not every wire server runs one.
+                cutoff = now - timedelta(seconds=REMOVALS_KEPT)
+                await self._removals.delete_many({"at": {"$lt": cutoff}})
+        return result.deleted_count == 1
 
     async def _next_revision(self) -> int:
         doc = await self._counters.find_one_and_update(
@@ -234,9 +237,7 @@ class RegistryStore:
         return out
 
     def _decode(self, doc: dict[str, Any]) -> Instance | None:
-        """The instance a document holds; None for a tombstone or one that does not decode."""
-        if doc.get("deleted"):
-            return None
+        """The instance a document holds; None for one that does not decode."""
         try:
             return from_document(doc)
         except InvalidDocument as exc:
@@ -367,9 +368,10 @@ class _Translate:
 class _WatchView:
     """What one watcher has read: every instance by id, and up to which revision.
 
-    A read fetches only the documents whose revision is above ``low``, the counter as it
-    stood WATCH_LAG before the previous read began (see WATCH_LAG), and applies them;
-    tombstones remove. The first read, and one every RESYNC_INTERVAL, read everything.
+    A read fetches only the documents and removals whose revision is above ``low``, the
+    counter as it stood WATCH_LAG before the previous read began (see WATCH_LAG), and
+    applies them in revision order. The first read, and one every RESYNC_INTERVAL, read
+    everything.
     """
 
     def __init__(self, store: RegistryStore) -> None:
@@ -415,11 +417,16 @@ class _WatchView:
             self.instances = {i.id: i for i in insts}
             self._resync_at = began + store.resync_interval
         else:
+            since = {"revision": {"$gt": self.low}}
             async with store._errors("watch"):
-                docs = await store._col.find({"revision": {"$gt": self.low}}).to_list(None)
-            store.watch_reads += len(docs)
-            for doc in docs:
-                inst = store._decode(doc)
+                docs = await store._col.find(since).to_list(None)
+                removed = await store._removals.find(since).to_list(None)
+            store.watch_reads += len(docs) + len(removed)
+            for doc in removed:
+                doc["removed"] = True
+            # A removal and a registration again of the same id: the later one wins.
+            for doc in sorted([*docs, *removed], key=_revision_of):
+                inst = None if doc.get("removed") else store._decode(doc)
                 if inst is None:
                     self.instances.pop(str(doc.get("_id")), None)
                 else:
@@ -460,6 +467,11 @@ class _WatchView:
             return None
         self._last = snap
         return snap
+
+
+def _revision_of(doc: dict[str, Any]) -> int:
+    revision = doc.get("revision")
+    return revision if isinstance(revision, int) else -1
 
 
 def _as_utc(value: Any) -> datetime | None:
