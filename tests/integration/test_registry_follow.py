@@ -8,6 +8,18 @@ from registry.model import Instance
 from registry.store import RegistryStore
 
 
+async def _until(cond, timeout: float, what: str, follower: Follower) -> None:
+    """Wait for ``cond()``; on timeout, fail saying which step and the follower's state."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not cond():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(
+            f"{what}: not within {timeout:g} s; {follower!r}, showing {follower.snapshot!r}"
+        ) from None
+
+
 @pytest.mark.timeout(60)
 async def test_follower_keeps_last_snapshot_through_an_outage(tmp_path):
     db = EmbeddedDB(data=str(tmp_path / "f.db"))
@@ -19,18 +31,14 @@ async def test_follower_keeps_last_snapshot_through_an_outage(tmp_path):
     try:
         await asyncio.wait_for(follower.first.wait(), 10)
         await store.register(Instance(service="web", instance="a", address="10.0.0.1", port=80), 60)
-        async with asyncio.timeout(5):
-            while not (follower.snapshot and follower.snapshot.instances):
-                await asyncio.sleep(0.02)
+        await _until(
+            lambda: follower.snapshot and follower.snapshot.instances, 5, "first seen", follower
+        )
         await asyncio.to_thread(db.kill)
-        async with asyncio.timeout(15):
-            while follower.connected:
-                await asyncio.sleep(0.05)
+        await _until(lambda: not follower.connected, 15, "outage noticed", follower)
         assert [i.id for i in follower.snapshot.instances] == ["web/a"], "last state kept"
         await asyncio.to_thread(db.start)
-        async with asyncio.timeout(20):
-            while not follower.connected:
-                await asyncio.sleep(0.05)
+        await _until(lambda: follower.connected, 20, "reconnected", follower)
         assert follower.failures >= 1
         assert [i.id for i in follower.snapshot.instances] == ["web/a"]
     finally:
@@ -47,26 +55,25 @@ async def test_after_an_outage_expired_instances_are_held_for_the_grace(tmp_path
     store = RegistryStore.from_url(db.url, poll_interval=0.05)
     follower = Follower(store, lambda s: None, name="test", reconnect_grace=2.0)
     task = asyncio.create_task(follower.run())
+    loop = asyncio.get_running_loop()
+    lease = 3.0  # long enough to be seen on a loaded machine, short enough to run out below
     try:
-        await store.register(Instance(service="web", instance="a", address="10.0.0.1", port=80), 1.0)
-        async with asyncio.timeout(5):
-            while not (follower.snapshot and follower.snapshot.instances):
-                await asyncio.sleep(0.02)
+        await _until(follower.first.is_set, 10, "first snapshot", follower)
+        registered = loop.time()
+        await store.register(Instance(service="web", instance="a", address="10.0.0.1", port=80), lease)
+        await _until(
+            lambda: follower.snapshot and follower.snapshot.instances, lease, "seen", follower
+        )
         await asyncio.to_thread(db.kill)
-        async with asyncio.timeout(15):
-            while follower.connected:
-                await asyncio.sleep(0.05)
-        await asyncio.sleep(1.2)  # the lease runs out while the database is away
+        await _until(lambda: not follower.connected, 15, "outage noticed", follower)
+        # The lease runs out while the database is away.
+        await asyncio.sleep(max(0.0, registered + lease + 0.3 - loop.time()))
         await asyncio.to_thread(db.start)
-        async with asyncio.timeout(20):
-            while not follower.connected:
-                await asyncio.sleep(0.05)
-        back = asyncio.get_running_loop().time()
+        await _until(lambda: follower.connected, 20, "reconnected", follower)
+        back = loop.time()
         assert [i.id for i in follower.snapshot.instances] == ["web/a"], "held during the grace"
-        async with asyncio.timeout(10):
-            while follower.snapshot.instances:
-                await asyncio.sleep(0.05)
-        assert asyncio.get_running_loop().time() - back >= 1.5, "dropped before the grace ended"
+        await _until(lambda: not follower.snapshot.instances, 10, "dropped after", follower)
+        assert loop.time() - back >= 1.5, "dropped before the grace ended"
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
