@@ -383,6 +383,7 @@ class _WatchView:
         self._read_revision = -1
         self._next_expiry = float("inf")  # loop time of the earliest lease to run out
         self._resync_at = 0.0
+        self._catch_up_at = 0.0  # when writes taken before the last read have all landed
         self._last: Snapshot | None = None
 
     def observed(self, revision: int, now: float) -> None:
@@ -392,19 +393,23 @@ class _WatchView:
 
     def due(self, revision: int, now: float) -> bool:
         """Whether a read is needed now (polling): a write, a lease running out, a
-        resync, or writes still inside the lag window."""
+        resync, or the lag after the last read is over while writes it saw taken may
+        have landed after it (one read more, not one per poll)."""
         return (
             revision != self._read_revision
             or now >= self._next_expiry
             or now >= self._resync_at
-            or (self.low is not None and self.low < revision)
+            or self._catching_up(now)
         )
+
+    def _catching_up(self, now: float) -> bool:
+        return self.low is not None and self.low < self._read_revision and now >= self._catch_up_at
 
     def wait(self, now: float) -> float:
         """Seconds until a read is due with no new write."""
         until = min(self._next_expiry, self._resync_at)
         if self.low is not None and self.low < self._read_revision:
-            until = min(until, now + self._store.watch_lag / 4)
+            until = min(until, self._catch_up_at)
         return max(0.0, until - now)
 
     async def read(self, revision: int) -> Snapshot | None:
@@ -433,6 +438,7 @@ class _WatchView:
                     self.instances[inst.id] = inst
         self._read_revision = revision
         self.low = self._low_before(began - store.watch_lag)
+        self._catch_up_at = began + store.watch_lag
         return self._snapshot(revision)
 
     def _low_before(self, t: float) -> int | None:
