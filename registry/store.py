@@ -384,6 +384,10 @@ class _WatchView:
         self._next_expiry = float("inf")  # loop time of the earliest lease to run out
         self._resync_at = 0.0
         self._catch_up_at = 0.0  # when writes taken before the last read have all landed
+        self._landed = 0  # the newest revision read (0: none; writes start at 1)
+        # Since when the newest revision taken has not been read: its write is on its way.
+        self._missing_since: float | None = None
+        self._missing_revision = 0
         self._last: Snapshot | None = None
 
     def observed(self, revision: int, now: float) -> None:
@@ -400,6 +404,10 @@ class _WatchView:
             or now >= self._next_expiry
             or now >= self._resync_at
             or self._catching_up(now)
+            or (
+                self._missing_since is not None
+                and now < self._missing_since + self._store.watch_lag
+            )
         )
 
     def _catching_up(self, now: float) -> bool:
@@ -410,6 +418,8 @@ class _WatchView:
         until = min(self._next_expiry, self._resync_at)
         if self.low is not None and self.low < self._read_revision:
             until = min(until, self._catch_up_at)
+        if self._missing_since is not None:
+            until = now  # the write is on its way: read again at the next poll
         return max(0.0, until - now)
 
     async def read(self, revision: int) -> Snapshot | None:
@@ -421,6 +431,7 @@ class _WatchView:
             store.watch_reads += len(insts)
             self.instances = {i.id: i for i in insts}
             self._resync_at = began + store.resync_interval
+            landed = max((i.revision for i in insts), default=0)
         else:
             since = {"revision": {"$gt": self.low}}
             async with store._errors("watch"):
@@ -429,6 +440,7 @@ class _WatchView:
             store.watch_reads += len(docs) + len(removed)
             for doc in removed:
                 doc["removed"] = True
+            landed = max(map(_revision_of, [*docs, *removed]), default=0)
             # A removal and a registration again of the same id: the later one wins.
             for doc in sorted([*docs, *removed], key=_revision_of):
                 inst = None if doc.get("removed") else store._decode(doc)
@@ -439,6 +451,15 @@ class _WatchView:
         self._read_revision = revision
         self.low = self._low_before(began - store.watch_lag)
         self._catch_up_at = began + store.watch_lag
+        # A poll can see the counter move before the write that moved it lands: read again
+        # at each poll until it shows up, for at most the lag (a revision can also be taken
+        # and never written, by a compare-and-swap that lost).
+        self._landed = max(self._landed, landed)
+        if self._landed >= revision:
+            self._missing_since = None
+        elif self._missing_revision != revision:
+            self._missing_since = began
+            self._missing_revision = revision
         return self._snapshot(revision)
 
     def _low_before(self, t: float) -> int | None:
@@ -464,9 +485,7 @@ class _WatchView:
             del self.instances[key]  # a lease that ran out is renewed only by a new write
         nxt = leases.next_expiry((i.lease_expires_at for i in live), now)
         self._next_expiry = (
-            float("inf")
-            if nxt is None
-            else self._loop.time() + (nxt - now).total_seconds() + 0.001
+            float("inf") if nxt is None else self._loop.time() + (nxt - now).total_seconds() + 0.001
         )
         snap = Snapshot.of(live, revision)
         if snap.same_view(self._last):

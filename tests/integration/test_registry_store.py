@@ -276,3 +276,20 @@ async def test_a_write_older_than_the_lag_is_seen_at_the_resync(db_url):
     finally:
         await watch.close()
         await store.close()
+
+
+async def test_a_write_seen_taken_before_it_lands_is_read_as_soon_as_it_lands(db_url):
+    """The watcher sees the counter move before the document lands: it keeps reading at
+    each poll until the document shows up, instead of waiting for the lag to end."""
+    store = RegistryStore.from_url(db_url, poll_interval=0.02, watch_lag=3.0, resync_interval=60)
+    watch = _Watching(store)
+    try:
+        await watch.until(set(), 5)
+        await asyncio.sleep(3.2)  # reads are incremental from here
+        taken = await store._next_revision()
+        await asyncio.sleep(0.3)  # the watcher has read, and found nothing yet
+        await _land(store, inst("late"), taken)
+        assert await watch.until({"web/late"}, 5) < 1.0
+    finally:
+        await watch.close()
+        await store.close()
