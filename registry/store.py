@@ -257,10 +257,6 @@ class RegistryStore:
     async def services(self) -> list[str]:
         return sorted({i.service for i in await self.list()})
 
-    async def snapshot(self) -> Snapshot:
-        revision = await self.revision()
-        return Snapshot.of(await self.list(), revision)
-
     # Watch
 
     async def watch(self) -> AsyncIterator[Snapshot]:
@@ -403,20 +399,21 @@ class _WatchView:
             revision != self._read_revision
             or now >= self._next_expiry
             or now >= self._resync_at
-            or self._catching_up(now)
+            or (self._behind() and now >= self._catch_up_at)
             or (
                 self._missing_since is not None
                 and now < self._missing_since + self._store.watch_lag
             )
         )
 
-    def _catching_up(self, now: float) -> bool:
-        return self.low is not None and self.low < self._read_revision and now >= self._catch_up_at
+    def _behind(self) -> bool:
+        """Revisions the last read saw taken may have landed after it."""
+        return self.low is not None and self.low < self._read_revision
 
     def wait(self, now: float) -> float:
         """Seconds until a read is due with no new write."""
         until = min(self._next_expiry, self._resync_at)
-        if self.low is not None and self.low < self._read_revision:
+        if self._behind():
             until = min(until, self._catch_up_at)
         if self._missing_since is not None:
             until = now  # the write is on its way: read again at the next poll
@@ -432,22 +429,26 @@ class _WatchView:
             self.instances = {i.id: i for i in insts}
             self._resync_at = began + store.resync_interval
             landed = max((i.revision for i in insts), default=0)
+            changed = True
         else:
             since = {"revision": {"$gt": self.low}}
             async with store._errors("watch"):
                 docs = await store._col.find(since).to_list(None)
                 removed = await store._removals.find(since).to_list(None)
             store.watch_reads += len(docs) + len(removed)
-            for doc in removed:
-                doc["removed"] = True
-            landed = max(map(_revision_of, [*docs, *removed]), default=0)
-            # A removal and a registration again of the same id: the later one wins.
-            for doc in sorted([*docs, *removed], key=_revision_of):
-                inst = None if doc.get("removed") else store._decode(doc)
+            # (revision, id, instance or None to remove); a removal and a registration
+            # again of the same id: the later one wins.
+            changes = [(_revision_of(d), str(d.get("_id")), store._decode(d)) for d in docs]
+            changes += [(_revision_of(d), str(d.get("_id")), None) for d in removed]
+            changes.sort(key=lambda c: c[0])
+            landed = changes[-1][0] if changes else 0
+            changed = False
+            for _, key, inst in changes:
                 if inst is None:
-                    self.instances.pop(str(doc.get("_id")), None)
-                else:
-                    self.instances[inst.id] = inst
+                    changed |= self.instances.pop(key, None) is not None
+                elif self.instances.get(key) != inst:
+                    self.instances[key] = inst
+                    changed = True
         self._read_revision = revision
         self.low = self._low_before(began - store.watch_lag)
         self._catch_up_at = began + store.watch_lag
@@ -460,7 +461,10 @@ class _WatchView:
         elif self._missing_revision != revision:
             self._missing_since = began
             self._missing_revision = revision
-        return self._snapshot(revision)
+        # Nothing new and no lease running out: the view, and when it next changes, stand.
+        if changed or began >= self._next_expiry:
+            return self._snapshot(revision)
+        return None
 
     def _low_before(self, t: float) -> int | None:
         """The counter as it stood at ``t``: the last value seen at or before it."""
@@ -469,7 +473,7 @@ class _WatchView:
             history.popleft()
         if history and history[0][0] <= t:
             return history[0][1] if self.low is None else max(self.low, history[0][1])
-        return self.low if self.low is not None else None
+        return self.low
 
     def _snapshot(self, revision: int) -> Snapshot | None:
         store = self._store
