@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
+from hashlib import blake2b
 
 import pytest
 from uhashring import HashRing
@@ -126,6 +128,48 @@ def test_empty_and_maglev_prime():
         Maglev.build(_set(3), table_size=65536)
     stats = Maglev.build(_set(3), table_size=251).stats()
     assert sum(stats.entries) == 251 and stats.max - stats.min <= 1
+
+
+def _maglev_reference(endpoints: EndpointSet, size: int) -> list[int]:
+    """The populate loop as the Maglev paper gives it, with Envoy's weighted rounds: in
+    turn, each endpoint probes its permutation until it finds a free slot."""
+    offsets, skips = [], []
+    for ep in endpoints:
+        d = blake2b(ep.key.encode(), digest_size=16).digest()
+        offsets.append(int.from_bytes(d[:8], "little") % size)
+        skips.append(int.from_bytes(d[8:], "little") % (size - 1) + 1)
+    weights = [ep.weight for ep in endpoints]
+    table, nexts, target = [-1] * size, [0] * len(weights), [0.0] * len(weights)
+    filled, iteration = 0, 1
+    while filled < size:
+        for i, w in enumerate(weights):
+            if filled == size or iteration * w < target[i]:
+                continue
+            target[i] += max(weights)
+            c = (offsets[i] + nexts[i] * skips[i]) % size
+            while table[c] >= 0:
+                nexts[i] += 1
+                c = (offsets[i] + nexts[i] * skips[i]) % size
+            table[c] = i
+            nexts[i] += 1
+            filled += 1
+        iteration += 1
+    return table
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 57])
+@pytest.mark.parametrize("size", [7, 251, 65537])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_maglev_table_is_the_papers_fill(n, size, weighted):
+    """The build's shortcut for the last slots (sorted walks over the free ones) changes
+    how fast the table is filled, never what it holds: every LB, old or new, builds the
+    same table from the same endpoints."""
+    rng = random.Random(n * size)
+    es = EndpointSet.of(
+        Endpoint(f"10.0.0.{i}", 8000 + i, weight=rng.randint(1, 500) if weighted else 100)
+        for i in range(min(n, size))
+    )
+    assert Maglev.build(es, size).table == _maglev_reference(es, size)
 
 
 def test_two_builds_are_identical():
