@@ -112,6 +112,8 @@ def cluster_json(c: Cluster) -> dict:
         "endpoints_total": len(view.states),
         "endpoints_usable": sum(c.usable),
         "table": table,
+        "table_builds": c.builds,
+        "table_building": c.building,
         "endpoints": endpoints,
     }
 

@@ -162,7 +162,9 @@ class Cluster:
         self._states: dict[str, EndpointState] = {}
         self._zeros: list[int] = []
         self._weights: list[int] | None = None
-        self._generation = 0
+        self._pending: EndpointSet | None = None  # offered, not yet being built
+        self._builder: asyncio.Task[None] | None = None
+        self.builds = 0  # tables built (shown in /clusters)
         self.ready = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -173,21 +175,57 @@ class Cluster:
 
     # Endpoint set changes
 
-    async def set_endpoints(self, endpoints: EndpointSet) -> None:
-        """Build the new table (off the loop when big) and swap the view in whole."""
-        if endpoints.same_routing(self.view.endpoints) and self.ready.is_set():
+    def offer(self, endpoints: EndpointSet) -> None:
+        """Route to ``endpoints`` as soon as their table is built; never waits.
+
+        Tables are built one at a time, off the loop. A set offered while one builds
+        replaces any set still waiting: the newest wins, and every build ends in a swap,
+        so routing is at most one build behind the newest set however often sets come.
+        The caller goes on meanwhile (the registry watch keeps polling, so a change that
+        lands during a build is read now, not a poll interval after the build).
+        """
+        if (
+            self._builder is None
+            and self.ready.is_set()
+            and endpoints.same_routing(self.view.endpoints)
+        ):
             self._swap(endpoints, self.view.table)  # names or order only
             return
-        self._generation += 1
-        gen = self._generation
-        table = None
-        if self.hashed and len(endpoints):
-            table = await ring.build_async(
-                self.config.policy, endpoints, table_size=self.config.table_size
-            )
-        if gen != self._generation:
-            return  # a newer set arrived while this one was building
-        self._swap(endpoints, table)
+        self._pending = endpoints
+        if self._builder is None:
+            self._builder = asyncio.create_task(self._rebuild())
+
+    async def set_endpoints(self, endpoints: EndpointSet) -> None:
+        """:meth:`offer`, then wait until that set (or a newer one) is routed to."""
+        self.offer(endpoints)
+        await self.wait_built()
+
+    @property
+    def building(self) -> bool:
+        """A set offered is not routed to yet (its table, or an older one, is building)."""
+        return self._builder is not None
+
+    async def wait_built(self) -> None:
+        """Until the last set offered is the one routed to."""
+        while self._builder is not None:
+            await asyncio.shield(self._builder)
+
+    async def _rebuild(self) -> None:
+        try:
+            while self._pending is not None:
+                endpoints, self._pending = self._pending, None
+                if self.ready.is_set() and endpoints.same_routing(self.view.endpoints):
+                    self._swap(endpoints, self.view.table)
+                    continue
+                table = None
+                if self.hashed and len(endpoints):
+                    table = await ring.build_async(
+                        self.config.policy, endpoints, table_size=self.config.table_size
+                    )
+                    self.builds += 1
+                self._swap(endpoints, table)
+        finally:
+            self._builder = None
 
     def _swap(self, endpoints: EndpointSet, table) -> None:
         old = self._states

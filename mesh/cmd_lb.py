@@ -351,7 +351,7 @@ async def _main(
         feed_task = asyncio.create_task(feed.follower.run())
         try:
             async with asyncio.timeout(5.0):
-                await feed.follower.first.wait()
+                await feed.wait_ready()
         except TimeoutError:
             log.warning(
                 "registry %s has not answered yet; serving 503 until it does",

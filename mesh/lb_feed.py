@@ -35,9 +35,16 @@ class RegistryFeed:
         self.clusters = list(clusters)
         self.follower = Follower(store, self._on_snapshot, name="lb")
 
-    async def _on_snapshot(self, snap: Snapshot) -> None:
+    def _on_snapshot(self, snap: Snapshot) -> None:
+        # Never waits for a table build: the watch goes on reading while tables build.
         for service, cluster in self.clusters:
-            await cluster.set_endpoints(endpoints_for(snap, service))
+            cluster.offer(endpoints_for(snap, service))
+
+    async def wait_ready(self) -> None:
+        """Until the first snapshot is read and every cluster routes to what it said."""
+        await self.follower.first.wait()
+        for _, cluster in self.clusters:
+            await cluster.wait_built()
 
     def gauges(self) -> dict[str, float]:
         return {

@@ -196,6 +196,39 @@ async def test_endpoint_removed_mid_request_leaves_no_pooled_connection():
                 await asyncio.sleep(0.02)
 
 
+async def test_sets_offered_while_a_table_builds_newest_wins_and_traffic_goes_on():
+    """A registry change never waits for a table build: sets offered during one replace
+    the set waiting, the old table routes meanwhile, and the newest set is routed to as
+    soon as the build in progress ends and its own is built."""
+    from lb.endpoints import EndpointSet
+    from lb.ring import Maglev
+
+    async with backends(3) as bs, lb_in_process(bs[:2]) as lb:
+        cluster = lb.cluster
+        builds = cluster.builds
+        sets = [EndpointSet.of([b.endpoint for b in group]) for group in (bs, bs[1:], bs[::2])]
+        cluster.offer(sets[0])
+        await asyncio.sleep(0)  # its build starts in a thread (a 65537-slot table)
+        cluster.offer(sets[1])
+        cluster.offer(sets[2])  # replaces sets[1], which is never built
+        assert cluster.building
+        during = await _get_many(lb.url + "/", 20, headers_for=lambda i: {"X-User": f"b{i}"})
+        assert [st for st, _ in during] == [200] * 20
+        async with asyncio.timeout(10):
+            await cluster.wait_built()
+        assert not cluster.building
+        assert cluster.view.endpoints.keys == sets[2].keys
+        assert cluster.builds == builds + 2
+        table = Maglev.build(sets[2])
+        name_of = {b.key: b.name for b in bs}
+        async with aiohttp.ClientSession() as s:
+            for i in range(30):
+                async with s.get(lb.url + "/", headers={"X-User": f"k{i}"}) as r:
+                    got = (await r.json())["backend"]
+                home = sets[2].keys[table.lookup(hash_key(f"k{i}".encode()))]
+                assert got == name_of[home], i
+
+
 async def test_5xx_from_home_on_a_pooled_connection_retried_in_hash_order():
     """The fast path (an idle connection to the key's home) lists only the home; a retry
     after its 503 goes on in the key's hash order, the same endpoint every time."""
