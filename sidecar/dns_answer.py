@@ -34,6 +34,9 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.renderer
 import dns.rrset
+from dns.rdtypes.IN.A import A
+from dns.rdtypes.IN.AAAA import AAAA
+from dns.rdtypes.IN.SRV import SRV
 
 from registry.model import Instance, Snapshot
 
@@ -138,6 +141,11 @@ def _render(
     try:
         for index, (section, rrsets) in enumerate(sections):
             for rrset in rrsets:
+                if len(rrset) == 1:  # already one record: rendered as it is
+                    r.add_rrset(section, rrset)
+                    counts[index] += 1
+                    cuts.append((r.output.tell() - start, *counts))
+                    continue
                 for rdata in rrset:
                     one = dns.rrset.from_rdata_list(rrset.name, rrset.ttl, [rdata])
                     r.add_rrset(section, one)
@@ -151,10 +159,11 @@ def _render(
 
 def _address_rrset(name: dns.name.Name, addresses: Iterable[str], ttl: int, v6: bool):
     rdtype = dns.rdatatype.AAAA if v6 else dns.rdatatype.A
+    make = AAAA if v6 else A
     rrset = dns.rrset.RRset(name, dns.rdataclass.IN, rdtype)
     rrset.update_ttl(ttl)
     for address in addresses:
-        rrset.add(dns.rdata.from_text(dns.rdataclass.IN, rdtype, address))
+        rrset.add(make(dns.rdataclass.IN, rdtype, address))
     return rrset
 
 
@@ -442,7 +451,7 @@ class _Node:
 
     v4: dict[str, None]
     v6: dict[str, None]
-    srv: list[Instance]
+    srv: list[_Records]
 
 
 def _instance_target(inst: Instance, zone: dns.name.Name) -> dns.name.Name | None:
@@ -474,7 +483,7 @@ def build(snapshot: Snapshot, config: ZoneConfig, previous: Answers | None = Non
         key = tuple(i.visible_key() for i in healthy)
         rendered = reuse.get(service)
         if rendered is None or rendered.key != key:
-            rendered = _render_service(service, healthy, zone, ttl, key)
+            rendered = _render_service(service, healthy, zone, ttl, key, rendered)
         services[service] = rendered
         entries.update(rendered.entries)
         names.update(dict.fromkeys(rendered.names, nodata))
@@ -497,10 +506,33 @@ class _Rendered:
     key: tuple
     entries: dict[bytes, Entry]
     names: tuple[bytes, ...]  # every name the service makes exist, and their parents
+    # Each instance's own name's replies, by Instance.visible_key(): kept for the next
+    # build of the service when that instance did not change.
+    own: dict[tuple, dict[bytes, Entry]]
+
+
+class _Records:
+    """One instance's records, made once per rendering of its service and shared by every
+    owner name it appears under (the service, its SRV names, its tags)."""
+
+    __slots__ = ("inst", "target", "srv", "address")
+
+    def __init__(self, inst: Instance, target: dns.name.Name, ttl: int) -> None:
+        self.inst = inst
+        self.target = target
+        self.srv = SRV(
+            dns.rdataclass.IN, dns.rdatatype.SRV, SRV_PRIORITY, inst.weight, inst.port, target
+        )
+        self.address = _address_rrset(target, [inst.address], ttl, v6=inst.ipv6)
 
 
 def _render_service(
-    service: str, healthy: tuple[Instance, ...], zone: dns.name.Name, ttl: int, key: tuple
+    service: str,
+    healthy: tuple[Instance, ...],
+    zone: dns.name.Name,
+    ttl: int,
+    key: tuple,
+    previous: _Rendered | None = None,
 ) -> _Rendered:
     nodes: dict[dns.name.Name, _Node] = {}
     svc = dns.name.Name((service, "service")).concatenate(zone)
@@ -508,10 +540,18 @@ def _render_service(
         dns.name.Name((f"_{service}", "_tcp", "service")).concatenate(zone),
         dns.name.Name((f"_{service}", "_tcp")).concatenate(zone),
     )
+    entries: dict[bytes, Entry] = {}
+    names: dict[bytes, None] = {}
+    own: dict[tuple, dict[bytes, Entry]] = {}
+    kept = previous.own if previous is not None else {}
+    # An instance named like a tag of the service (`blue.web.service.mesh`) shares that
+    # name's records with the tag's instances; every other instance name is its own.
+    tag_names = {dns.name.Name((t,)).concatenate(svc) for i in healthy for t in i.tags}
     for inst in healthy:
         target = _instance_target(inst, zone)
         if target is None:
             continue
+        records = _Records(inst, target, ttl)
         owners = [svc, *rfc2782]
         for tag in inst.tags:
             owners.append(dns.name.Name((tag,)).concatenate(svc))
@@ -519,13 +559,25 @@ def _render_service(
                 owners.append(
                     dns.name.Name((f"_{service}", f"_{tag}", "service")).concatenate(zone)
                 )
-        for owner in [*owners, target]:
-            n = nodes.setdefault(owner, _Node({}, {}, []))
+        for owner in owners:
+            n = nodes.get(owner)
+            if n is None:
+                n = nodes[owner] = _Node({}, {}, [])
             (n.v6 if inst.ipv6 else n.v4)[inst.address] = None
-            if owner != target:
-                n.srv.append(inst)
-    entries: dict[bytes, Entry] = {}
-    names: dict[bytes, None] = {}
+            n.srv.append(records)
+        if target in tag_names:
+            n = nodes.setdefault(target, _Node({}, {}, []))
+            (n.v6 if inst.ipv6 else n.v4)[inst.address] = None
+            continue
+        # The instance's own name: its address, and nothing else.
+        visible = inst.visible_key()
+        mine = kept.get(visible)
+        if mine is None:
+            mine = _render_own(target, records.address, ttl)
+        own[visible] = mine
+        entries.update(mine)
+        for ancestor in _ancestors(target, zone):
+            names[ancestor.canonicalize().to_wire()] = None
     for name, n in nodes.items():
         for ancestor in _ancestors(name, zone):
             names[ancestor.canonicalize().to_wire()] = None
@@ -537,9 +589,17 @@ def _render_service(
                 aaaa = _address_rrset(name, n.v6, ttl, v6=True)
                 entries[_wire_key(name, TYPE_AAAA)] = _rotating(name, TYPE_AAAA, aaaa)
         if n.srv:
-            entries[_wire_key(name, TYPE_SRV)] = _srv_entry(name, n.srv, zone, ttl)
+            entries[_wire_key(name, TYPE_SRV)] = _srv_entry(name, n.srv, ttl)
         entries[_wire_key(name, TYPE_ANY)] = _render(name, TYPE_ANY, answer=[_rfc8482(name, ttl)])
-    return _Rendered(key, entries, tuple(names))
+    return _Rendered(key, entries, tuple(names), own)
+
+
+def _render_own(target: dns.name.Name, address: dns.rrset.RRset, ttl: int) -> dict[bytes, Entry]:
+    qtype = TYPE_AAAA if address.rdtype == dns.rdatatype.AAAA else TYPE_A
+    return {
+        _wire_key(target, qtype): _rotating(target, qtype, address),
+        _wire_key(target, TYPE_ANY): _render(target, TYPE_ANY, answer=[_rfc8482(target, ttl)]),
+    }
 
 
 def _rotating(name: dns.name.Name, qtype: int, rrset: dns.rrset.RRset) -> Entry:
@@ -579,27 +639,16 @@ def _ancestors(name: dns.name.Name, zone: dns.name.Name) -> Iterable[dns.name.Na
         name = name.parent()
 
 
-def _srv_entry(
-    name: dns.name.Name, instances: list[Instance], zone: dns.name.Name, ttl: int
-) -> Entry:
+def _srv_entry(name: dns.name.Name, records: list[_Records], ttl: int) -> Entry:
     srv = dns.rrset.RRset(name, dns.rdataclass.IN, dns.rdatatype.SRV)
     srv.update_ttl(ttl)
     extra: list[dns.rrset.RRset] = []
     seen: set[dns.name.Name] = set()
-    for inst in instances:
-        target = _instance_target(inst, zone)
-        if target is None:
-            continue
-        srv.add(
-            dns.rdata.from_text(
-                dns.rdataclass.IN,
-                dns.rdatatype.SRV,
-                f"{SRV_PRIORITY} {inst.weight} {inst.port} {target.to_text()}",
-            )
-        )
-        if target not in seen:
-            seen.add(target)
-            extra.append(_address_rrset(target, [inst.address], ttl, v6=inst.ipv6))
+    for rec in records:
+        srv.add(rec.srv)
+        if rec.target not in seen:
+            seen.add(rec.target)
+            extra.append(rec.address)
     return _rotate(_render(name, TYPE_SRV, answer=[srv], additional=extra))
 
 

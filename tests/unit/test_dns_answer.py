@@ -411,6 +411,35 @@ def test_rebuild_from_the_previous_table_equals_a_fresh_build():
     assert ask("nope.mesh.", answers=incremental).authority[0][0].serial == 2
 
 
+def test_rebuild_keeps_unchanged_instances_names_and_renders_changed_ones():
+    base = [inst(f"i{n}", f"10.4.0.{n}", 9000 + n) for n in range(1, 6)]
+    before = build(Snapshot.of(base, revision=1), ZoneConfig())
+    moved = inst("i2", "10.4.9.9", 9002)
+    snap = Snapshot.of([base[0], moved, *base[2:], inst("i9", "10.4.0.9", 9009)], revision=2)
+    after = build(snap, ZoneConfig(), before)
+    own_before, own_after = before.services["web"].own, after.services["web"].own
+    assert own_after[base[0].visible_key()] is own_before[base[0].visible_key()]
+    assert rdatas(ask("i2.web.service.mesh.", answers=after), dns.rdatatype.A) == ["10.4.9.9"]
+    assert rdatas(ask("i9.web.service.mesh.", answers=after), dns.rdatatype.A) == ["10.4.0.9"]
+    assert (
+        ask("i2.web.service.mesh.", answers=after).answer
+        == ask("i2.web.service.mesh.", answers=build(snap, ZoneConfig())).answer
+    )
+
+
+def test_an_instance_named_like_a_tag_shares_that_name():
+    snap = Snapshot.of(
+        [inst("blue", "10.5.0.1"), inst("a", "10.5.0.2", tags=("blue",))], revision=3
+    )
+    answers = build(snap, ZoneConfig())
+    assert rdatas(ask("blue.web.service.mesh.", answers=answers), dns.rdatatype.A) == [
+        "10.5.0.1",
+        "10.5.0.2",
+    ]
+    srv = ask("blue.web.service.mesh.", "SRV", answers=answers)
+    assert [r.target.to_text() for rrset in srv.answer for r in rrset] == ["a.web.service.mesh."]
+
+
 def test_srv_replies_rotate_and_stay_well_formed():
     firsts = set()
     full = ask("_web._tcp.service.mesh.", "SRV", answers=BIG, udp=False)
