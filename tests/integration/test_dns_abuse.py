@@ -40,7 +40,7 @@ from sidecar.dns_server import (
     DnsServer,
     ZoneConfig,
 )
-from tests.integration.test_sidecar_cli import LISTENING, Proc
+from tests.integration.mesh_proc import LISTENING, Proc
 
 # The zone: a service big enough to truncate, tags, IPv6, a second service.
 WEB = [

@@ -31,7 +31,7 @@ import pytest
 from lb.endpoints import Endpoint
 from tests.integration.test_lb_support import (
     LBProcess,
-    OnLoopback,
+    StreamPeer,
     backends,
     lb_in_process,
     read_response,
@@ -95,7 +95,7 @@ class _Conn:
             self.feed(data[int(exc.args[0]) :])
 
 
-class Recorder(OnLoopback):
+class Recorder(StreamPeer):
     """Upstream on a raw socket: keeps every byte and every request it parsed, answers
     ``200 ok`` to each complete request. Framing errors are recorded, never raised."""
 
@@ -104,14 +104,6 @@ class Recorder(OnLoopback):
         self.requests: list[Forwarded] = []
         self.errors: list[str] = []
         self.connections = 0
-        self.port = 0
-        self._srv: asyncio.Server | None = None
-
-    async def start(self) -> Recorder:
-        sock = socket.create_server(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        self._srv = await asyncio.start_server(self._handle, sock=sock)
-        return self
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -126,11 +118,6 @@ class Recorder(OnLoopback):
             pass
         finally:
             writer.close()
-
-    async def stop(self) -> None:
-        if self._srv is not None:
-            self._srv.close()
-            await self._srv.wait_closed()
 
 
 @contextlib.asynccontextmanager

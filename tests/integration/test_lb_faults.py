@@ -23,28 +23,20 @@ from lb.server import DEADLINE_TICK
 from tests.integration.test_lb_support import (
     BackendProcess,
     LBProcess,
-    OnLoopback,
+    StreamPeer,
     backends,
     lb_in_process,
     read_response,
 )
 
 
-class HangingPeer(OnLoopback):
+class HangingPeer(StreamPeer):
     """Accepts connections and reads requests, never answers."""
 
     def __init__(self) -> None:
         self.connections = 0
         self.bytes = 0
         self._writers: list[asyncio.StreamWriter] = []
-        self._srv: asyncio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> HangingPeer:
-        sock = socket.create_server(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        self._srv = await asyncio.start_server(self._handle, sock=sock)
-        return self
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -57,9 +49,7 @@ class HangingPeer(OnLoopback):
     async def stop(self) -> None:
         for w in self._writers:
             w.close()
-        if self._srv is not None:
-            self._srv.close()
-            await self._srv.wait_closed()
+        await super().stop()
 
 
 @dataclass

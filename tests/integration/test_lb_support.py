@@ -49,6 +49,28 @@ class OnLoopback:
         return f"127.0.0.1:{self.port}"
 
 
+class StreamPeer(OnLoopback):
+    """A peer on raw asyncio streams: ``_handle`` serves each connection as the test needs
+    (no HTTP server in between, so it can misbehave at will)."""
+
+    port = 0
+    _srv: asyncio.Server | None = None
+
+    async def start(self):
+        sock = socket.create_server(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self._srv = await asyncio.start_server(self._handle, sock=sock)
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        if self._srv is not None:
+            self._srv.close()
+            await self._srv.wait_closed()
+
+
 @dataclass
 class Backend(OnLoopback):
     name: str
