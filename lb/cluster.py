@@ -219,9 +219,17 @@ class Cluster:
                     continue
                 table = None
                 if self.hashed and len(endpoints):
-                    table = await ring.build_async(
-                        self.config.policy, endpoints, table_size=self.config.table_size
-                    )
+                    try:
+                        table = await ring.build_async(
+                            self.config.policy, endpoints, table_size=self.config.table_size
+                        )
+                    except Exception:
+                        log.exception(
+                            "cluster %s: no table for %d endpoints; routing stays as it was",
+                            self.config.name,
+                            len(endpoints),
+                        )
+                        continue
                     self.builds += 1
                 self._swap(endpoints, table)
         finally:
