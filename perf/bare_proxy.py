@@ -6,7 +6,11 @@ find where messages end. No routing, no header rewriting, no pool, no health, no
 ``perf/lb_bench.py`` runs it beside mesh lb and nginx so that mesh's CPU per request splits
 into what the platform costs (this) and what mesh's own per-request work costs (the rest).
 
-    python -m perf.bare_proxy LISTEN_PORT UPSTREAM_PORT
+    python -m perf.bare_proxy LISTEN_PORT UPSTREAM_PORT [WORK]
+
+WORK (default 0) adds that many iterations of a pure-Python loop to each request, a
+stand-in for a proxy's own per-request logic: ``lb_bench.py --floor-work`` uses it to show
+what each µs of Python per request costs against nginx.
 """
 
 from __future__ import annotations
@@ -16,6 +20,13 @@ import sys
 
 import httptools
 import uvloop
+
+
+def _python_work(iterations: int) -> int:
+    total = 0
+    for i in range(iterations):
+        total += i
+    return total
 
 
 class _Up(asyncio.Protocol):
@@ -39,8 +50,9 @@ class _Up(asyncio.Protocol):
 
 
 class _Down(asyncio.Protocol):
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, work: int = 0) -> None:
         self.upstream_port = upstream_port
+        self.work = work
         self.transport: asyncio.Transport | None = None
         self.up: _Up | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -61,6 +73,8 @@ class _Down(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.parser.feed_data(data)
+        if self.work:
+            _python_work(self.work)
         if self.up is None:
             self.waiting.append(data)
         else:
@@ -77,15 +91,16 @@ class _Down(asyncio.Protocol):
         pass
 
 
-async def _serve(listen_port: int, upstream_port: int) -> None:
+async def _serve(listen_port: int, upstream_port: int, work: int) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Down(upstream_port), "127.0.0.1", listen_port)
+    server = await loop.create_server(lambda: _Down(upstream_port, work), "127.0.0.1", listen_port)
     await server.serve_forever()
 
 
 def main() -> int:
     listen_port, upstream_port = (int(a) for a in sys.argv[1:3])
-    uvloop.run(_serve(listen_port, upstream_port))
+    work = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    uvloop.run(_serve(listen_port, upstream_port, work))
     return 0
 
 

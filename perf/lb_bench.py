@@ -11,7 +11,7 @@ Beside them runs ``perf/bare_proxy.py``, uvloop and httptools forwarding bytes w
 proxy logic at all: the floor of an asyncio proxy. mesh's CPU per request minus the
 floor's is what mesh's own per-request work costs.
 
-    sudo .venv/bin/python perf/lb_bench.py [--rounds 3] [--duration 10]
+    sudo .venv/bin/python perf/lb_bench.py [--rounds 3] [--duration 10] [--floor-work 300,600]
 
 ``python -m perf`` takes its rows from :func:`rows` (``--quick``: one 3 s round at c50).
 
@@ -138,7 +138,9 @@ def start_backends(work: Path) -> tuple[subprocess.Popen, list[int]]:
     return p, ports
 
 
-def start_lbs(work: Path, backends: list[int], lbs: list[Proc]) -> None:
+def start_lbs(
+    work: Path, backends: list[int], lbs: list[Proc], floor_work: tuple[int, ...] = ()
+) -> None:
     port = free_port()
     ups = "\n".join(f"server 127.0.0.1:{b};" for b in backends)
     conf = work / "nginx-lb.conf"
@@ -190,6 +192,11 @@ def start_lbs(work: Path, backends: list[int], lbs: list[Proc]) -> None:
     port = free_port()
     argv = [sys.executable, "-m", "perf.bare_proxy", str(port), str(backends[0])]
     lbs.append(Proc("floor", argv, port, work))
+    for n in floor_work:  # the floor plus n loop iterations of Python per request
+        port = free_port()
+        lbs.append(
+            Proc(f"floor+{n}", [*argv[:-2], str(port), str(backends[0]), str(n)], port, work)
+        )
     return lbs
 
 
@@ -225,7 +232,13 @@ Results = dict[tuple[str, int], list[tuple[int, float, float, float, float, floa
 
 
 def bench(
-    *, rounds: int, duration: int, conns: tuple[int, ...], warmup: int = 2, echo: bool = True
+    *,
+    rounds: int,
+    duration: int,
+    conns: tuple[int, ...],
+    warmup: int = 2,
+    echo: bool = True,
+    floor_work: tuple[int, ...] = (),
 ) -> Results:
     """Run every LB at each concurrency in interleaved rounds (see ``Results``)."""
     work = Path(tempfile.mkdtemp(prefix="lb-bench-"))
@@ -235,7 +248,7 @@ def bench(
     lbs: list[Proc] = []
     results: Results = {}
     try:
-        start_lbs(work, ports, lbs)
+        start_lbs(work, ports, lbs, floor_work)
         for lb in lbs:  # warm up: connections, pools, caches
             run_wrk(lb.port, 50, warmup, lua)
         for r in range(rounds):
@@ -324,20 +337,26 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--conns", default="50,200")
+    ap.add_argument(
+        "--floor-work",
+        default="",
+        help="also run the floor with these many Python loop iterations per request (e.g. 300,600)",
+    )
     args = ap.parse_args()
     ensure_tools()
     conns = tuple(map(int, args.conns.split(",")))
-    results = bench(rounds=args.rounds, duration=args.duration, conns=conns)
+    floor_work = tuple(int(n) for n in args.floor_work.split(",") if n)
+    results = bench(rounds=args.rounds, duration=args.duration, conns=conns, floor_work=floor_work)
     print(
         "\nmedian over rounds      req/s    p50 ms   p99 ms  cpu µs/req (user + kernel)"
         "  vs nginx (cpu, req/s)"
     )
     for c in conns:
         base = medians(results, "nginx", c)
-        for name in ("nginx", "haproxy", "mesh", "floor"):
+        for name in ("nginx", "haproxy", "mesh", "floor", *(f"floor+{n}" for n in floor_work)):
             rps, p50, p99, cpu, user, kernel = medians(results, name, c)
             print(
-                f"c{c:<4} {name:8} {rps:10.0f} {p50:8.2f} {p99:8.2f} {cpu:6.1f} ({user:4.1f} + "
+                f"c{c:<4} {name:10} {rps:10.0f} {p50:8.2f} {p99:8.2f} {cpu:6.1f} ({user:4.1f} + "
                 f"{kernel:4.1f})   {cpu / base[3]:.2f}x, {rps / base[0]:.2f}x"
             )
     return 0
