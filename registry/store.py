@@ -94,6 +94,7 @@ class RegistryStore:
         self.watch_lag = watch_lag
         self.resync_interval = resync_interval
         self.watch_reads = 0  # documents read by watchers: their cost on the database
+        self.watch_polls = 0  # revision counter reads by polling watchers
 
     @classmethod
     def from_url(cls, url: str = DEFAULT_URL, **kwargs: Any) -> RegistryStore:
@@ -185,10 +186,22 @@ class RegistryStore:
                     return True
         raise RegistryError(f"{op} {instance_id}: {MAX_UPDATE_TRIES} concurrent writers won")
 
+    async def _newest(self) -> int:
+        """The highest revision written to an instance (live or not) or a removal."""
+        newest = 0
+        async with self._errors("watch"):
+            for col in (self._col, self._removals):
+                doc = await col.find_one({}, {"revision": 1}, sort=[("revision", -1)])
+                if doc is not None:
+                    newest = max(newest, _revision_of(doc))
+        return newest
+
     async def deregister(self, instance_id: str) -> bool:
         """Delete the instance, and record the removal for watchers (see REMOVALS)."""
         now = self._clock()
         async with self._errors("deregister"):
+            if await self._col.find_one({"_id": instance_id}, {"_id": 1}) is None:
+                return False  # nothing to remove: take no revision that would never land
             revision = await self._next_revision()
             result = await self._col.delete_one({"_id": instance_id})
             if result.deleted_count:
@@ -281,6 +294,7 @@ class RegistryStore:
         loop = asyncio.get_running_loop()
         while True:
             revision = await self.revision()
+            self.watch_polls += 1
             view.observed(revision, loop.time())
             if view.due(revision, loop.time()):
                 snap = await view.read(revision)
@@ -400,11 +414,13 @@ class _WatchView:
             or now >= self._next_expiry
             or now >= self._resync_at
             or (self._behind() and now >= self._catch_up_at)
-            or (
-                self._missing_since is not None
-                and now < self._missing_since + self._store.watch_lag
-            )
+            or self._awaiting(now)
         )
+
+    def _awaiting(self, now: float) -> bool:
+        """The newest revision taken has not shown up yet, and the lag is not over: its
+        write may be on its way (a revision can also be taken and never written)."""
+        return self._missing_since is not None and now < self._missing_since + self._store.watch_lag
 
     def _behind(self) -> bool:
         """Revisions the last read saw taken may have landed after it."""
@@ -415,8 +431,8 @@ class _WatchView:
         until = min(self._next_expiry, self._resync_at)
         if self._behind():
             until = min(until, self._catch_up_at)
-        if self._missing_since is not None:
-            until = now  # the write is on its way: read again at the next poll
+        if self._awaiting(now):
+            until = min(until, now + self._store.poll_interval)  # read again at the next poll
         return max(0.0, until - now)
 
     async def read(self, revision: int) -> Snapshot | None:
@@ -428,7 +444,8 @@ class _WatchView:
             store.watch_reads += len(insts)
             self.instances = {i.id: i for i in insts}
             self._resync_at = began + store.resync_interval
-            landed = max((i.revision for i in insts), default=0)
+            # What landed also counts removals and leases that ran out, which list() skips.
+            landed = max(max((i.revision for i in insts), default=0), await store._newest())
             changed = True
         else:
             since = {"revision": {"$gt": self.low}}

@@ -293,3 +293,56 @@ async def test_a_write_seen_taken_before_it_lands_is_read_as_soon_as_it_lands(db
     finally:
         await watch.close()
         await store.close()
+
+
+async def _polls_in(store: RegistryStore, seconds: float) -> int:
+    before = store.watch_polls
+    await asyncio.sleep(seconds)
+    return store.watch_polls - before
+
+
+async def test_a_revision_that_never_lands_costs_one_poll_per_interval(db_url):
+    """A revision taken and never written (a compare-and-swap that lost): the watcher reads
+    again at each poll for the lag, then waits as before; it never polls in a loop."""
+    store = RegistryStore.from_url(db_url, poll_interval=0.05, watch_lag=0.5)
+    watch = _Watching(store)
+    try:
+        await store.register(inst("a"), 60)
+        await watch.until({"web/a"}, 5)
+        await store._next_revision()
+        assert await _polls_in(store, 1.0) < 30  # 20 at one per 50 ms
+        assert not await store.deregister("web/never-registered")
+        assert await _polls_in(store, 1.0) < 30
+    finally:
+        await watch.close()
+        await store.close()
+
+
+async def test_a_watcher_started_after_a_removal_or_an_expiry_polls_at_its_interval(db_url):
+    """The newest revision belongs to a removal or to a lease that ran out, which a full
+    read does not return: the watcher must not take it for a write still on its way."""
+    writer = RegistryStore.from_url(db_url)
+    try:
+        await writer.register(inst("a"), 60)
+        await writer.register(inst("b"), 60)
+        await writer.deregister("web/b")
+        for last in ("removal", "expiry"):
+            if last == "expiry":
+                await writer.register(inst("brief"), 1)
+                await asyncio.sleep(1.2)
+            store = RegistryStore.from_url(db_url, poll_interval=0.05, watch_lag=0.5)
+            watch = _Watching(store)
+            try:
+                await watch.until({"web/a"}, 5)
+                assert await _polls_in(store, 1.0) < 30, last
+            finally:
+                await watch.close()
+                await store.close()
+    finally:
+        await writer.close()
+
+
+async def test_deregistering_an_unknown_instance_takes_no_revision(store):
+    before = await store.revision()
+    assert not await store.deregister("web/nobody")
+    assert await store.revision() == before
