@@ -59,6 +59,9 @@ def _check(value: Any) -> Check:
     return value if isinstance(value, Check) else Check.parse(str(value))
 
 
+MAX_DOMAIN_OCTETS = 128  # of 255 for a whole name (RFC 1035 §2.3.4)
+
+
 def _domain(value: Any) -> str:
     try:
         name = dns.name.from_text(text(value))
@@ -66,6 +69,12 @@ def _domain(value: Any) -> str:
         raise ValueError(f"must be a DNS name, got {value!r}: {exc}") from None
     if name == dns.name.root:
         raise ValueError("must not be the root")
+    # The zone's own names (its SOA's `postmaster.<domain>`) and a service's names must fit
+    # in 255 octets: leave room for `<instance>.<service>.service.` of ordinary length.
+    if len(name.to_wire()) > MAX_DOMAIN_OCTETS:
+        raise ValueError(
+            f"must be at most {MAX_DOMAIN_OCTETS} octets long in wire form, got {len(name.to_wire())}"
+        )
     return name.to_text(omit_final_dot=True).lower()
 
 

@@ -454,11 +454,18 @@ class _Node:
     srv: list[_Records]
 
 
-def _instance_target(inst: Instance, zone: dns.name.Name) -> dns.name.Name | None:
+def _name_in(zone: dns.name.Name, *labels: str) -> dns.name.Name | None:
+    """``labels`` under ``zone``, or None when that name cannot exist: a label over 63
+    octets (``_<service>`` for a 63-character service) or a name over 255. Such a name
+    gets no records; every other name of the zone is served as usual."""
     try:
-        return dns.name.Name((inst.instance, inst.service, "service")).concatenate(zone)
+        return dns.name.Name(labels).concatenate(zone)
     except dns.exception.DNSException:
-        return None  # too long a name for this domain: it gets no records
+        return None
+
+
+def _instance_target(inst: Instance, zone: dns.name.Name) -> dns.name.Name | None:
+    return _name_in(zone, inst.instance, inst.service, "service")
 
 
 def build(snapshot: Snapshot, config: ZoneConfig, previous: Answers | None = None) -> Answers:
@@ -535,18 +542,24 @@ def _render_service(
     previous: _Rendered | None = None,
 ) -> _Rendered:
     nodes: dict[dns.name.Name, _Node] = {}
-    svc = dns.name.Name((service, "service")).concatenate(zone)
-    rfc2782 = (
-        dns.name.Name((f"_{service}", "_tcp", "service")).concatenate(zone),
-        dns.name.Name((f"_{service}", "_tcp")).concatenate(zone),
-    )
+    svc = _name_in(zone, service, "service")
+    if svc is None:
+        return _Rendered(key, {}, (), {})
+    rfc2782 = [
+        n
+        for n in (
+            _name_in(zone, f"_{service}", "_tcp", "service"),
+            _name_in(zone, f"_{service}", "_tcp"),
+        )
+        if n is not None
+    ]
     entries: dict[bytes, Entry] = {}
     names: dict[bytes, None] = {}
     own: dict[tuple, dict[bytes, Entry]] = {}
     kept = previous.own if previous is not None else {}
     # An instance named like a tag of the service (`blue.web.service.mesh`) shares that
     # name's records with the tag's instances; every other instance name is its own.
-    tag_names = {dns.name.Name((t,)).concatenate(svc) for i in healthy for t in i.tags}
+    tag_names = {_name_in(svc, t) for i in healthy for t in i.tags} - {None}
     for inst in healthy:
         target = _instance_target(inst, zone)
         if target is None:
@@ -554,12 +567,12 @@ def _render_service(
         records = _Records(inst, target, ttl)
         owners = [svc, *rfc2782]
         for tag in inst.tags:
-            owners.append(dns.name.Name((tag,)).concatenate(svc))
+            owners.append(_name_in(svc, tag))
             if tag != "tcp":  # `_<svc>._tcp` means every instance (RFC 2782 / Consul)
-                owners.append(
-                    dns.name.Name((f"_{service}", f"_{tag}", "service")).concatenate(zone)
-                )
+                owners.append(_name_in(zone, f"_{service}", f"_{tag}", "service"))
         for owner in owners:
+            if owner is None:
+                continue
             n = nodes.get(owner)
             if n is None:
                 n = nodes[owner] = _Node({}, {}, [])

@@ -131,6 +131,7 @@ async def test_flags_from_env_and_dig_over_udp_and_tcp(db_url):
         (["--service", "web", "--port", "80", "--dns-listen", "nowhere"], "--dns-listen"),
         (["--service", "web", "--port", "80", "--upstream", "x:y"], "--upstream"),
         (["--service", "web", "--port", "80", "--tag", "Bad_Tag"], "--tag"),
+        (["--service", "web", "--port", "80", "--domain", ".".join(["d" * 60] * 4)], "--domain"),
     ],
 )
 @pytest.mark.one_loop

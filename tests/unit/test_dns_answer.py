@@ -449,3 +449,27 @@ def test_srv_replies_rotate_and_stay_well_formed():
         assert additional(reply) == additional(full)
         firsts.add(reply.answer[0][0].target.to_text())
     assert len(firsts) == 16
+
+
+def test_names_that_cannot_exist_are_left_out_and_the_rest_served():
+    """A 63-character service or tag is valid, but `_<it>` is a 64-octet label: those SRV
+    names cannot exist. Everything else, that service included, is served."""
+    long_service, long_tag = "s" * 63, "t" * 63
+    snap = Snapshot.of(
+        [
+            inst("a", "10.6.0.1"),
+            inst("b", "10.6.0.2", service=long_service),
+            inst("c", "10.6.0.3", service="api", tags=(long_tag,)),
+        ],
+        revision=4,
+    )
+    answers = build(snap, ZoneConfig())
+    assert rdatas(ask("web.service.mesh.", answers=answers), dns.rdatatype.A) == ["10.6.0.1"]
+    assert rdatas(ask(f"{long_service}.service.mesh.", answers=answers), dns.rdatatype.A) == [
+        "10.6.0.2"
+    ]
+    assert rdatas(ask(f"{long_tag}.api.service.mesh.", answers=answers), dns.rdatatype.A) == [
+        "10.6.0.3"
+    ]
+    srv = ask("_api._tcp.service.mesh.", "SRV", answers=answers)
+    assert [r.target.to_text() for rrset in srv.answer for r in rrset] == ["c.api.service.mesh."]
