@@ -480,7 +480,11 @@ def build(snapshot: Snapshot, config: ZoneConfig, previous: Answers | None = Non
     reuse = previous.services if previous is not None and previous.config == config else {}
     soa = _soa(zone, snapshot.revision, ttl)
     nodata = _render(zone, TYPE_A, authority=[soa], compress=False)  # follows any question
-    entries: dict[bytes, Entry] = {_wire_key(zone, TYPE_SOA): _render(zone, TYPE_SOA, answer=[soa])}
+    entries: dict[bytes, Entry] = {
+        _wire_key(zone, TYPE_SOA): _render(zone, TYPE_SOA, answer=[soa]),
+        # RFC 8482 §4.1: ANY may be answered with a subset of what the name has.
+        _wire_key(zone, TYPE_ANY): _render(zone, TYPE_ANY, answer=[soa]),
+    }
     names: dict[bytes, Entry] = {zone.canonicalize().to_wire(): nodata}
     services: dict[str, _Rendered] = {}
     for service, instances in sorted(snapshot.services().items()):

@@ -463,6 +463,7 @@ class _TcpDns(asyncio.Protocol):
         self._paused = False  # the client is not taking its replies: answer nothing more
         self._idle: asyncio.TimerHandle | None = None
         self._peer: object = None
+        self._eof = False  # the client has sent all it will send (it may still read)
 
     # Connection
 
@@ -482,6 +483,21 @@ class _TcpDns(asyncio.Protocol):
         for task in self._pending:
             task.cancel()
         self._transport = None
+
+    def eof_received(self) -> bool:
+        # A client may half-close after its last query (RFC 7766 §6.2.4 lets it): the
+        # replies still being forwarded go out first, then the connection closes.
+        self._eof = True
+        return self._busy()
+
+    def _busy(self) -> bool:
+        """Replies still to come: forwards in flight, or whole queries held while paused
+        (a partial one left at end-of-file never completes)."""
+        return bool(self._pending) or (self._paused and len(self._buffer) >= 2)
+
+    def _finish_if_done(self, _task: object = None) -> None:
+        if self._eof and not self._busy():
+            self.close()
 
     def close(self) -> None:
         """Close after the replies already written; abort if the client is not reading them.
@@ -542,6 +558,7 @@ class _TcpDns(asyncio.Protocol):
             self._handle(message)
             if self._transport is None or self._transport.is_closing():
                 return
+        self._finish_if_done()
 
     def _handle(self, data: bytes) -> None:
         server = self._server
@@ -559,6 +576,7 @@ class _TcpDns(asyncio.Protocol):
             task = server.spawn(self._forward(data))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
+            task.add_done_callback(self._finish_if_done)
             return
         self._send(reply)
 

@@ -249,6 +249,41 @@ async def test_forwarding_to_the_upstream_udp_and_tcp():
         await upstream.close()
 
 
+async def test_a_tcp_client_that_half_closes_still_gets_its_forwarded_replies():
+    """RFC 7766 lets a client shut its sending side after its last query: the replies
+    still being forwarded go out, then the connection closes."""
+    upstream = DnsServer(ZoneConfig(domain="up.test"))
+    await upstream.start([("127.0.0.1", 0)])
+    upstream.update(
+        Snapshot.of([Instance(service="far", instance="f1", address="127.0.4.1", port=1)])
+    )
+    await upstream.wait_rebuilt()
+    s = await serve(upstream=upstream.addresses[0])
+    try:
+        reader, writer = await asyncio.open_connection(*s.addresses[0])
+        names = ["f1.far.service.up.test.", "web.service.mesh.", "nope.up.test."]
+        for name in names:
+            wire = dns.message.make_query(name, "A").to_wire()
+            writer.write(struct.pack("!H", len(wire)) + wire)
+        writer.write_eof()
+        replies = {}
+        async with asyncio.timeout(5):
+            for _ in names:
+                size = struct.unpack("!H", await reader.readexactly(2))[0]
+                reply = dns.message.from_wire(await reader.readexactly(size))
+                replies[reply.question[0].name.to_text()] = reply.rcode()
+            assert await reader.read() == b""  # then the server closes
+        assert replies == {
+            "f1.far.service.up.test.": dns.rcode.NOERROR,
+            "web.service.mesh.": dns.rcode.NOERROR,
+            "nope.up.test.": dns.rcode.NXDOMAIN,
+        }
+        writer.close()
+    finally:
+        await s.close()
+        await upstream.close()
+
+
 async def test_silent_upstream_gives_servfail_not_silence():
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     silent.bind(("127.0.0.1", 0))

@@ -196,6 +196,8 @@ def test_any_is_answered_minimally():
     reply = ask("_web._tcp.service.mesh.", "ANY")
     assert [r.to_text() for rrset in reply.answer for r in rrset] == ['"RFC8482" ""']
     assert not reply.additional
+    apex = ask("mesh.", "ANY")  # the apex has a record of its own to give: its SOA
+    assert [rrset.rdtype for rrset in apex.answer] == [dns.rdatatype.SOA]
 
 
 # EDNS0 and truncation
