@@ -327,6 +327,8 @@ class Upstream(asyncio.Protocol):
         self.discard = discard_5xx
         head = req.head
         self.head_only = head.method == b"HEAD"
+        if down.writing_paused:
+            self.transport.pause_reading()  # the client still has not taken the last response
         upgrade = head.upgrade is not None
         data = http1.build_upstream_head(
             head, down.client_ip_bytes, upgrade=upgrade, default_host=self.state.host_header
@@ -611,6 +613,7 @@ class Downstream(asyncio.Protocol):
         self.upstream_full = False
         self.buffer_full = False
         self.reading_paused = False
+        self.writing_paused = False  # the client's transport asked us to stop writing
         self.upstream: Upstream | None = None
         self.tunnel: Upstream | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -694,11 +697,16 @@ class Downstream(asyncio.Protocol):
         return True  # half-close: finish the response in flight, then close
 
     def pause_writing(self) -> None:
+        # The client is not taking its bytes: stop reading the peer that sends them. The
+        # state is kept, for an exchange that starts while it lasts (Upstream.start) and
+        # for a connection that goes back to the pool meanwhile (_settle).
+        self.writing_paused = True
         up = self.upstream or self.tunnel
         if up is not None and up.transport is not None:
             up.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         up = self.upstream or self.tunnel
         if up is not None and up.transport is not None and not up.transport.is_closing():
             up.transport.resume_reading()
@@ -954,6 +962,8 @@ class Downstream(asyncio.Protocol):
                 # client was slow, not the peer (nginx client_body_timeout → 408).
                 return Outcome.CLIENT_TIMEOUT
         elif up.reusable and up.done is None and not up.upgraded:
+            if self.writing_paused and up.transport is not None:
+                up.transport.resume_reading()  # paused for this client, not for the next
             state.put_idle(up, now, x.cluster.config.pool_max_idle)
         elif not up.upgraded:
             up.close()

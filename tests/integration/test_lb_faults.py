@@ -36,20 +36,13 @@ class HangingPeer(StreamPeer):
     def __init__(self) -> None:
         self.connections = 0
         self.bytes = 0
-        self._writers: list[asyncio.StreamWriter] = []
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        self._writers.append(writer)
         with contextlib.suppress(ConnectionError):
             while data := await reader.read(65536):
                 self.bytes += len(data)
         writer.close()
-
-    async def stop(self) -> None:
-        for w in self._writers:
-            w.close()
-        await super().stop()
 
 
 @dataclass

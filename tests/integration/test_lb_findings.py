@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 import pytest
 
 from lb.endpoints import Endpoint
-from tests.integration.test_lb_support import lb_in_process, read_response
+from tests.integration.test_lb_support import StreamPeer, lb_in_process, read_response
 
 # Bytes a peer sends late
 
@@ -267,3 +268,75 @@ async def test_head_503_dropped_for_a_retry_does_not_wait_for_its_declared_lengt
     finally:
         for s in srvs:
             s.close()
+
+
+# A client that lags behind its response
+
+
+class _TailPeer(StreamPeer):
+    """Answers GET /big with 300 kB at once and its last 100 kB 0.3 s later, so the end of
+    the response arrives while the LB is still writing to a slow client; anything else
+    with a small 200."""
+
+    async def _handle(self, reader, writer) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"GET /big"):
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 400000\r\n\r\n" + b"x" * 300000
+                    )
+                    await writer.drain()
+                    await asyncio.sleep(0.3)
+                    writer.write(b"y" * 100000)
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+
+
+async def _slow_download(port: int, path: bytes) -> int:
+    """GET ``path`` through 4 KiB socket buffers, 4 KiB every 2 ms; returns the body size."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: t\r\n\r\n")
+    async with asyncio.timeout(20):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        got = 0
+        while got < length:
+            got += len(await reader.read(4096))
+            await asyncio.sleep(0.002)
+    writer.close()
+    return got
+
+
+async def test_a_connection_pooled_while_its_client_lagged_reads_the_next_response():
+    """A slow client's buffer is full as its response ends: the LB had stopped reading the
+    upstream for it (back-pressure), and the response completed in that state. The
+    connection goes back to the pool reading again, so the next request on it, from any
+    client, is answered at once instead of waiting unread for its 504."""
+    peer = await _TailPeer().start()
+    try:
+        async with lb_in_process([peer.endpoint], retries=0, hash_on=(), request_timeout=3) as lb:
+            state = lb.cluster.view.states[0]
+            for _ in range(2):
+                task = asyncio.create_task(_slow_download(lb.port, b"/big"))
+                async with asyncio.timeout(5):
+                    while not lb.server.connections:
+                        await asyncio.sleep(0.001)
+                for down in lb.server.connections:  # a small kernel buffer toward the client
+                    sock = down.transport.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                assert await task == 400000
+                assert state.idle and all(conn.transport.is_reading() for conn, _ in state.idle)
+                reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+                writer.write(b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n")
+                async with asyncio.timeout(2):
+                    status, _, _ = await read_response(reader)
+                assert status == 200
+                writer.close()
+    finally:
+        await peer.stop()

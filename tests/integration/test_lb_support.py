@@ -59,13 +59,21 @@ class StreamPeer(OnLoopback):
     async def start(self):
         sock = socket.create_server(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
-        self._srv = await asyncio.start_server(self._handle, sock=sock)
+        self._open: list[asyncio.StreamWriter] = []
+        self._srv = await asyncio.start_server(self._serve, sock=sock)
         return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open.append(writer)
+        await self._handle(reader, writer)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raise NotImplementedError
 
     async def stop(self) -> None:
+        """Close the listener and every connection still open (their handlers end)."""
+        for writer in self._open:
+            writer.close()
         if self._srv is not None:
             self._srv.close()
             await self._srv.wait_closed()
