@@ -62,8 +62,9 @@ class _StopBody(Exception):
     """Raised from a parser callback: the message has no body (HEAD, discarded retry)."""
 
 
-class _HeadTooLarge(Exception):
-    """Raised from a parser callback: a response head with too many fields."""
+class _BadHead(Exception):
+    """Raised from a parser callback: a response head not to forward (too many fields, or
+    a 101 to a request that asked for no upgrade)."""
 
 
 # A response head is bounded like a request head (see lb.http1): in bytes while it arrives,
@@ -251,8 +252,8 @@ class Upstream(asyncio.Protocol):
                 # A HEAD response: llhttp would wait for Content-Length bytes.
                 self.parser = httptools.HttpResponseParser(self)
                 self._complete()
-            elif isinstance(exc.__context__, _HeadTooLarge):
-                self._head_too_large()
+            elif isinstance(exc.__context__, _BadHead):
+                self._bad_head()
             else:
                 log.debug("upstream %s: callback error", self.state.endpoint.key, exc_info=True)
                 self._broken()
@@ -271,7 +272,7 @@ class Upstream(asyncio.Protocol):
                 # progress): bound what it may grow to. A complete head is never counted.
                 self.head_fed += len(data)
                 if self.head_fed > MAX_RESPONSE_HEAD_BYTES:
-                    self._head_too_large()
+                    self._bad_head()
                     return
         pending = self.pending
         if pending is not None:
@@ -422,8 +423,8 @@ class Upstream(asyncio.Protocol):
         self.req = None
         self._finish(Outcome.OK)
 
-    def _head_too_large(self) -> None:
-        """A response head over the limits: the peer failed as a gateway (502, close)."""
+    def _bad_head(self) -> None:
+        """A response head not to forward: the peer failed as a gateway (502, close)."""
         self.reusable = False
         self._finish(Outcome.GATEWAY)
         self.close()
@@ -494,10 +495,14 @@ class Upstream(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if len(self.resp_lines) > MAX_RESPONSE_LINES:
-            raise _HeadTooLarge
+            raise _BadHead
         if 100 <= status < 200 and status != 101:
             self._reset_head()  # 100 Continue, 103 Early Hints: not forwarded
             return
+        if status == 101 and (self.req is None or self.req.head.upgrade is None):
+            # A switch nobody asked for (RFC 9110 §15.2.2): tunnelling it would hand the
+            # client's later requests to this peer unparsed. Envoy answers 502 too.
+            raise _BadHead
         self.status = status
         head_only = self.head_only
         if head_only or status == 204 or status == 304:

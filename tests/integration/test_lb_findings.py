@@ -340,3 +340,44 @@ async def test_a_connection_pooled_while_its_client_lagged_reads_the_next_respon
                 writer.close()
     finally:
         await peer.stop()
+
+
+# A switch of protocols nobody asked for
+
+
+class _SwitchingPeer(StreamPeer):
+    """Answers every request with 101, then echoes whatever comes as raw bytes."""
+
+    def __init__(self) -> None:
+        self.raw: list[bytes] = []
+
+    async def _handle(self, reader, writer) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"
+            )
+            while data := await reader.read(65536):
+                self.raw.append(data)
+                writer.write(data)
+
+
+async def test_a_101_to_a_request_that_asked_for_no_upgrade_is_a_502():
+    """Tunnelling it would hand the client's next requests to that peer unparsed: no
+    routing, no limits, no X-Forwarded-For of ours. Envoy answers 502 as well."""
+    peer = await _SwitchingPeer().start()
+    try:
+        async with lb_in_process([peer.endpoint], retries=0, hash_on=()) as lb:
+            reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+            writer.write(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+            async with asyncio.timeout(5):
+                status, _, _ = await read_response(reader)
+            assert status == 502
+            # The connection is still HTTP: the next request is parsed and routed again.
+            writer.write(b"GET /admin HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
+            async with asyncio.timeout(5):
+                status, _, _ = await read_response(reader)
+            assert status == 502 and not peer.raw
+            writer.close()
+    finally:
+        await peer.stop()
