@@ -228,9 +228,12 @@ class Upstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.upgraded:
-            t = self.down.transport if self.down is not None else None
-            if t is not None and not t.is_closing():
-                t.write(data)
+            down = self.down
+            if down is not None:
+                down.idle_since = down.loop.time()  # a tunnel times out when quiet, not busy
+                t = down.transport
+                if t is not None and not t.is_closing():
+                    t.write(data)
             return
         if self.done is None:
             self.close()  # bytes nobody asked for: the connection is not in a known state
@@ -667,6 +670,7 @@ class Downstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
+            self.idle_since = self.loop.time()
             t = self.tunnel.transport
             if t is not None and not t.is_closing():
                 t.write(data)

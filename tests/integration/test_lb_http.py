@@ -122,6 +122,24 @@ async def test_websocket_echo():
         assert lb.server.stats.upgrades == 1
 
 
+async def test_a_busy_websocket_outlives_the_idle_timeout_and_a_quiet_one_does_not():
+    """Like nginx and Envoy, a tunnel is closed when it has been quiet for the idle
+    timeout, never while traffic flows."""
+    async with (
+        backends(1) as bs,
+        lb_in_process(bs, idle_timeout=0.6) as lb,
+        aiohttp.ClientSession() as s,
+        s.ws_connect(lb.url + "/ws") as ws,
+    ):
+        for i in range(10):  # 1.5 s of traffic, more than twice the idle timeout
+            await ws.send_str(f"m{i}")
+            assert (await ws.receive_str()) == f"b0:m{i}"
+            await asyncio.sleep(0.15)
+        async with asyncio.timeout(5):
+            msg = await ws.receive()  # now quiet: closed after the idle timeout
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+
 REJECTIONS = [
     (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
