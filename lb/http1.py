@@ -156,6 +156,9 @@ class RequestReader:
         "_line_done",
         "_wanted",
         "_lengths",
+        "_chunked",
+        "_moved",
+        "_quiet",
     )
 
     def __init__(self, sink, wanted: frozenset[bytes] = frozenset()) -> None:
@@ -169,6 +172,12 @@ class RequestReader:
         self._fed = 0  # bytes fed while a head was incomplete (a field may be half-parsed)
         self.in_head = False  # a head has begun and not ended
         self._line_done = False
+        # In a chunked body: bytes fed since body data last came out. Chunk extensions and
+        # trailer fields produce none, and httptools grows a field by concatenation:
+        # unbounded, a client could make one trailer cost quadratic time and memory.
+        self._chunked = False
+        self._moved = False
+        self._quiet = 0
 
     def feed(self, data: bytes) -> int | None:
         """Parse bytes. Returns None, or the offset where an upgraded stream starts."""
@@ -194,6 +203,14 @@ class RequestReader:
                 raise BadRequest(414, "request line too long")
             if self._fed > MAX_HEADER_BYTES + MAX_REQUEST_LINE_BYTES:
                 raise BadRequest(431, "header section too large")
+        elif self._chunked:
+            if self._moved:
+                self._moved = False
+                self._quiet = 0
+            else:
+                self._quiet += len(data)
+                if self._quiet > MAX_HEADER_BYTES:
+                    raise BadRequest(431, "chunk extensions or trailer section too large")
         return None
 
     # httptools callbacks
@@ -283,12 +300,16 @@ class RequestReader:
         if head.upgrade is not None and b"upgrade" not in head.connection_tokens:
             head.upgrade = None  # RFC 9110 §7.8: Upgrade counts only when Connection names it
         self.in_head = False
+        self._chunked = head.chunked
+        self._quiet = 0
         self._sink.on_request(head)
 
     def on_body(self, data: bytes) -> None:
+        self._moved = True
         self._sink.on_body(data)
 
     def on_message_complete(self) -> None:
+        self._chunked = False
         self._sink.on_request_end()
 
 

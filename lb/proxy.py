@@ -143,6 +143,7 @@ class Upstream(asyncio.Protocol):
         "out",
         "pending",
         "head_fed",
+        "moved",
     )
 
     def __init__(self, state: EndpointState) -> None:
@@ -156,7 +157,8 @@ class Upstream(asyncio.Protocol):
         self.pending: Outcome | None = None
         self.upgraded = False
         self.out: list[bytes] | None = None  # downstream bytes gathered during one read
-        self.head_fed = 0  # bytes read while the response head was incomplete
+        self.head_fed = 0  # bytes read while the head was incomplete, or the body quiet
+        self.moved = False  # body bytes came out of the last read
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -277,6 +279,16 @@ class Upstream(asyncio.Protocol):
                 if self.head_fed > MAX_RESPONSE_HEAD_BYTES:
                     self._bad_head()
                     return
+            elif self.moved:
+                self.moved = False
+                self.head_fed = 0
+            elif self.pending is None and self.done is not None:
+                # In the body, a read that moved no body bytes: chunk extensions or a
+                # trailer, which httptools grows by concatenation. Bounded like a head.
+                self.head_fed += len(data)
+                if self.head_fed > MAX_RESPONSE_HEAD_BYTES:
+                    self._broken()
+                    return
         pending = self.pending
         if pending is not None:
             # The response ended in this read; its bytes are out, now let the request go on.
@@ -328,6 +340,7 @@ class Upstream(asyncio.Protocol):
         self.close_delimited = False
         self.first_byte = 0.0
         self.head_fed = 0
+        self.moved = False
         self.discard = discard_5xx
         head = req.head
         self.head_only = head.method == b"HEAD"
@@ -575,6 +588,7 @@ class Upstream(asyncio.Protocol):
             raise _StopBody
 
     def on_body(self, data: bytes) -> None:
+        self.moved = True
         if self.discard:
             return
         out = self.out

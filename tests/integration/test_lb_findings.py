@@ -381,3 +381,75 @@ async def test_a_101_to_a_request_that_asked_for_no_upgrade_is_a_502():
             writer.close()
     finally:
         await peer.stop()
+
+
+# Chunk extensions and trailers without end
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [b"0\r\nX-T: " + b"a" * 200000, b"5;" + b"e" * 200000],
+    ids=["trailer", "chunk-extension"],
+)
+async def test_a_request_trailer_or_chunk_extension_over_64k_is_a_431(tail):
+    """httptools grows a trailer field by concatenation: unbounded, one request could cost
+    the LB quadratic time and memory. Bounded like a head: 431 and close. (The client may
+    see a reset instead of the 431 when its bytes are still arriving as the LB closes.)"""
+    from tests.integration.test_lb_support import backends
+
+    async with backends(1) as bs, lb_in_process(bs, retries=0) as lb:
+        reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+        writer.write(
+            b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        )
+
+        async def send() -> None:
+            with contextlib.suppress(ConnectionError):
+                for k in range(0, len(tail), 8192):  # as a client would, in separate reads
+                    writer.write(tail[k : k + 8192])
+                    await writer.drain()
+                    await asyncio.sleep(0.001)
+
+        sending = asyncio.create_task(send())
+        out = b""
+        with contextlib.suppress(ConnectionError):
+            async with asyncio.timeout(5):  # the LB closes: it does not wait for the end
+                while data := await reader.read(65536):
+                    out += data
+        await sending
+        assert out == b"" or out.startswith(b"HTTP/1.1 431 "), out[:100]
+        assert lb.server.stats.local[431] == 1
+        writer.close()
+
+
+class _TrailerPeer(StreamPeer):
+    """Answers with a chunked body whose trailer field never ends (200 kB)."""
+
+    async def _handle(self, reader, writer) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: "
+            )
+            for _ in range(25):
+                writer.write(b"a" * 8192)
+                await writer.drain()
+            await reader.read()
+
+
+async def test_a_response_trailer_over_64k_cuts_the_response():
+    peer = await _TrailerPeer().start()
+    try:
+        async with lb_in_process([peer.endpoint], retries=0, hash_on=()) as lb:
+            reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            out = b""
+            with contextlib.suppress(ConnectionError):
+                async with asyncio.timeout(5):
+                    while data := await reader.read(65536):
+                        out += data
+            assert out.startswith(b"HTTP/1.1 200 ") and b"hello" in out
+            assert not out.endswith(b"0\r\n\r\n")  # cut short: the client sees an error
+            writer.close()
+    finally:
+        await peer.stop()
