@@ -16,6 +16,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 
 from registry.backoff import Backoff
 from registry.errors import RegistryError, RegistryUnavailable
@@ -29,12 +30,15 @@ log = logging.getLogger(__name__)
 DEFAULT_RECONNECT_GRACE = 10.0
 
 
-def hold_missing(held: Snapshot | None, fresh: Snapshot) -> Snapshot:
-    """``fresh`` plus the instances of ``held`` that ``fresh`` lacks (by id), as they were."""
+def hold_missing(
+    held: Snapshot | None, fresh: Snapshot, removed: frozenset[str] = frozenset()
+) -> Snapshot:
+    """``fresh`` plus the instances of ``held`` that ``fresh`` lacks (by id), as they were,
+    but for those ``removed``: deregistered, not merely unrenewed."""
     if held is None:
         return fresh
     ids = {i.id for i in fresh.instances}
-    kept = [i for i in held.instances if i.id not in ids]
+    kept = [i for i in held.instances if i.id not in ids and i.id not in removed]
     if not kept:
         return fresh
     return Snapshot.of([*fresh.instances, *kept], fresh.revision)
@@ -72,6 +76,7 @@ class Follower:
         self._grace_until = 0.0
         self._latest: Snapshot | None = None  # what the database said last
         self._grace_task: asyncio.Task[None] | None = None
+        self._down_since = datetime.now(UTC)  # when the last outage began (store clock)
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else "disconnected"
@@ -105,6 +110,7 @@ class Follower:
                         log.warning("%s: %s; serving the last known state", self._name, exc)
                         down_logged = True
                         self._held = self.snapshot
+                        self._down_since = self._store._clock()
                     self.connected = False
                 except RegistryError as exc:
                     self.failures += 1
@@ -120,14 +126,27 @@ class Follower:
         loop = asyncio.get_running_loop()
         shown = snap
         if loop.time() < self._grace_until:
-            shown = hold_missing(self._held, snap)
+            shown = hold_missing(self._held, snap, await self._removed())
             if shown is not snap and self._grace_task is None:
                 self._grace_task = asyncio.create_task(self._end_grace())
         await self._show(shown)
 
+    async def _removed(self) -> frozenset[str]:
+        """Instances deregistered since the outage began (a minute of margin for clocks):
+        the grace holds those whose leases ran out, never those that were removed."""
+        since = self._down_since - timedelta(seconds=60)
+        try:
+            return frozenset(await self._store.removed_since(since))
+        except RegistryError:
+            return frozenset()  # the registry went again: hold them all, as before
+
     async def _end_grace(self) -> None:
-        await asyncio.sleep(max(0.0, self._grace_until - asyncio.get_running_loop().time()))
+        loop = asyncio.get_running_loop()
+        while (left := self._grace_until - loop.time()) > 0:
+            await asyncio.sleep(left)  # a later reconnection may have moved the end
         self._grace_task = None
+        if not self.connected:
+            return  # away again: keep showing what is shown; the return starts a new grace
         self._held = None
         latest = self._latest
         if latest is not None and not latest.same_view(self.snapshot):

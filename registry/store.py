@@ -186,6 +186,12 @@ class RegistryStore:
                     return True
         raise RegistryError(f"{op} {instance_id}: {MAX_UPDATE_TRIES} concurrent writers won")
 
+    async def removed_since(self, since: datetime) -> set[str]:
+        """Ids deregistered at or after ``since`` (kept REMOVALS_KEPT seconds)."""
+        async with self._errors("removals"):
+            docs = await self._removals.find({"at": {"$gte": since}}, {"_id": 1}).to_list(None)
+        return {str(d["_id"]) for d in docs}
+
     async def _newest(self) -> int:
         """The highest revision written to an instance (live or not) or a removal."""
         newest = 0
