@@ -63,8 +63,8 @@ class _StopBody(Exception):
 
 
 class _BadHead(Exception):
-    """Raised from a parser callback: a response head not to forward (too many fields, or
-    a 101 to a request that asked for no upgrade)."""
+    """Raised from a parser callback: a response head not to forward (too many fields, a
+    transfer coding other than chunked, a 101 to a request that asked for no upgrade)."""
 
 
 # A response head is bounded like a request head (see lb.http1): in bytes while it arrives,
@@ -496,6 +496,11 @@ class Upstream(asyncio.Protocol):
                 if lname == b"content-length":
                     self.content_length = int(value) if value.isdigit() else None
                 elif lname == b"transfer-encoding":
+                    if self.te_chunked or value.strip().lower() != b"chunked":
+                        # Another coding (gzip, a list, a second field): its body ends only
+                        # at the close, under a coding we would have to pass on. nginx and
+                        # Envoy refuse such a response too.
+                        raise _BadHead
                     self.te_chunked = True
                 elif lname == b"connection":
                     if value.lower() not in http1.CONNECTION_PLAIN:

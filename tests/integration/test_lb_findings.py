@@ -453,3 +453,34 @@ async def test_a_response_trailer_over_64k_cuts_the_response():
             writer.close()
     finally:
         await peer.stop()
+
+
+class _CodedPeer(StreamPeer):
+    """Answers with a transfer coding other than chunked, its body ending at the close."""
+
+    def __init__(self, coding: bytes) -> None:
+        self.coding = coding
+
+    async def _handle(self, reader, writer) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + self.coding + b"\r\n\r\nbody")
+            await writer.drain()
+        writer.close()
+
+
+@pytest.mark.parametrize("coding", [b"gzip", b"gzip, chunked", b"chunked, chunked"])
+async def test_a_response_with_a_transfer_coding_other_than_chunked_is_a_502(coding):
+    """Forwarded re-chunked, the client would get the coded bytes with nothing saying how
+    they are coded. Like nginx and Envoy, the LB refuses the response."""
+    peer = await _CodedPeer(coding).start()
+    try:
+        async with lb_in_process([peer.endpoint], retries=0, hash_on=()) as lb:
+            reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            async with asyncio.timeout(5):
+                status, _, _ = await read_response(reader)
+            assert status == 502
+            writer.close()
+    finally:
+        await peer.stop()
