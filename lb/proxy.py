@@ -45,6 +45,10 @@ access_log = logging.getLogger("mesh.lb.access")
 REPLAY_MAX_BYTES = 64 * 1024  # request body kept for a retry; larger bodies are not retried
 MAX_TUNNEL_PENDING_BYTES = 64 * 1024  # sent after an Upgrade head, before the 101
 BODY_BUFFER_BYTES = 256 * 1024  # request body buffered before an upstream is attached
+# After answering a malformed request, read and drop what the client still sends for this
+# long before closing: closing with unread bytes makes the kernel reset the connection,
+# and the client could lose the answer (nginx lingering_timeout 5 s, lingering_time 30 s).
+LINGER_SECONDS = 2.0
 RETRY_AFTER = (b"Retry-After: 1",)
 # Hash keys seen recently and their hashes: most keys (users, sessions) come back often,
 # and a dict lookup costs a fraction of an MD5. Cleared whole when full.
@@ -651,6 +655,9 @@ class Downstream(asyncio.Protocol):
         self.busy = False
         # The exchange in flight on the fast path.
         self._x: _Exchange | None = None
+        # Answered and half-closed: the client's bytes are dropped until it closes or
+        # LINGER_SECONDS pass (see _linger).
+        self.lingering: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"<Downstream {self.client_ip} busy={self.busy} queued={len(self.queue)}>"
@@ -676,6 +683,8 @@ class Downstream(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        if self.lingering is not None:
+            self.lingering.cancel()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
@@ -688,6 +697,8 @@ class Downstream(asyncio.Protocol):
             self.server.connection_finished(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering is not None:
+            return  # answered already: what follows is dropped
         if self.tunnel is not None:
             self.idle_since = self.loop.time()
             t = self.tunnel.transport
@@ -719,7 +730,7 @@ class Downstream(asyncio.Protocol):
             self._next()
 
     def eof_received(self):
-        if self.current is None and not self.queue:
+        if self.lingering is not None or (self.current is None and not self.queue):
             return False
         self.keep_alive = False
         return True  # half-close: finish the response in flight, then close
@@ -833,7 +844,30 @@ class Downstream(asyncio.Protocol):
         self.keep_alive = False
         if self.upstream is not None:
             self.upstream.abort()
-        self.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Send the end of the stream after the answer and drop what still comes, so the
+        client reads the answer before the connection closes (see LINGER_SECONDS)."""
+        t = self.transport
+        if t is None or t.is_closing() or self.lingering is not None:
+            return
+        if not t.can_write_eof():
+            self.close()
+            return
+        self.lingering = self.loop.call_later(LINGER_SECONDS, self._end_linger, t)
+        if self.reading_paused:
+            self.reading_paused = False
+            t.resume_reading()  # the bytes must be read to be dropped
+        t.write_eof()
+        # Nothing more is written: everything that writes to the client checks for a
+        # transport, and the transport itself stays with the timer (or closes at EOF).
+        self.transport = None
+
+    @staticmethod
+    def _end_linger(t: asyncio.Transport) -> None:
+        if not t.is_closing():
+            t.close()
 
     def start_tunnel(self, up: Upstream) -> None:
         self.tunnel = up
