@@ -184,13 +184,6 @@ class Cluster:
         The caller goes on meanwhile (the registry watch keeps polling, so a change that
         lands during a build is read now, not a poll interval after the build).
         """
-        if (
-            self._builder is None
-            and self.ready.is_set()
-            and endpoints.same_routing(self.view.endpoints)
-        ):
-            self._swap(endpoints, self.view.table)  # names or order only
-            return
         self._pending = endpoints
         if self._builder is None:
             self._builder = asyncio.create_task(self._rebuild())
@@ -215,7 +208,7 @@ class Cluster:
             while self._pending is not None:
                 endpoints, self._pending = self._pending, None
                 if self.ready.is_set() and endpoints.same_routing(self.view.endpoints):
-                    self._swap(endpoints, self.view.table)
+                    self._swap(endpoints, self.view.table)  # names or order only
                     continue
                 table = None
                 if self.hashed and len(endpoints):

@@ -162,7 +162,7 @@ class Upstream(asyncio.Protocol):
         self.upgraded = False
         self.out: list[bytes] | None = None  # downstream bytes gathered during one read
         self.head_fed = 0  # bytes read while the head was incomplete, or the body quiet
-        self.moved = False  # body bytes came out of the last read
+        self.moved = False  # body bytes came out of the last read (chunked bodies)
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -283,16 +283,17 @@ class Upstream(asyncio.Protocol):
                 if self.head_fed > MAX_RESPONSE_HEAD_BYTES:
                     self._bad_head()
                     return
-            elif self.moved:
-                self.moved = False
-                self.head_fed = 0
-            elif self.pending is None and self.done is not None:
-                # In the body, a read that moved no body bytes: chunk extensions or a
+            elif self.te_chunked and self.pending is None and self.done is not None:
+                # In a chunked body, a read that moved no body bytes: chunk extensions or a
                 # trailer, which httptools grows by concatenation. Bounded like a head.
-                self.head_fed += len(data)
-                if self.head_fed > MAX_RESPONSE_HEAD_BYTES:
-                    self._broken()
-                    return
+                if self.moved:
+                    self.moved = False
+                    self.head_fed = 0
+                else:
+                    self.head_fed += len(data)
+                    if self.head_fed > MAX_RESPONSE_HEAD_BYTES:
+                        self._broken()
+                        return
         pending = self.pending
         if pending is not None:
             # The response ended in this read; its bytes are out, now let the request go on.

@@ -71,9 +71,10 @@ def _domain(value: Any) -> str:
         raise ValueError("must not be the root")
     # The zone's own names (its SOA's `postmaster.<domain>`) and a service's names must fit
     # in 255 octets: leave room for `<instance>.<service>.service.` of ordinary length.
-    if len(name.to_wire()) > MAX_DOMAIN_OCTETS:
+    octets = len(name.to_wire())
+    if octets > MAX_DOMAIN_OCTETS:
         raise ValueError(
-            f"must be at most {MAX_DOMAIN_OCTETS} octets long in wire form, got {len(name.to_wire())}"
+            f"must be at most {MAX_DOMAIN_OCTETS} octets long in wire form, got {octets}"
         )
     return name.to_text(omit_final_dot=True).lower()
 

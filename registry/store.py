@@ -206,11 +206,11 @@ class RegistryStore:
         """Delete the instance, and record the removal for watchers (see REMOVALS)."""
         now = self._clock()
         async with self._errors("deregister"):
-            if await self._col.find_one({"_id": instance_id}, {"_id": 1}) is None:
-                return False  # nothing to remove: take no revision that would never land
-            revision = await self._next_revision()
             result = await self._col.delete_one({"_id": instance_id})
             if result.deleted_count:
+                # Taken after the delete, so the removal is newer than any write to the
+                # document, and taken only when there is a removal to land.
+                revision = await self._next_revision()
                 removal = {"_id": instance_id, "revision": revision, "at": now}
                 await self._removals.replace_one({"_id": instance_id}, removal, upsert=True)
                 # The TTL index does this on MongoDB; not every wire server runs one.

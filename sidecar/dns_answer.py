@@ -141,13 +141,13 @@ def _render(
     try:
         for index, (section, rrsets) in enumerate(sections):
             for rrset in rrsets:
-                if len(rrset) == 1:  # already one record: rendered as it is
-                    r.add_rrset(section, rrset)
-                    counts[index] += 1
-                    cuts.append((r.output.tell() - start, *counts))
-                    continue
+                single = len(rrset) == 1  # already one record: rendered as it is
                 for rdata in rrset:
-                    one = dns.rrset.from_rdata_list(rrset.name, rrset.ttl, [rdata])
+                    one = (
+                        rrset
+                        if single
+                        else dns.rrset.from_rdata_list(rrset.name, rrset.ttl, [rdata])
+                    )
                     r.add_rrset(section, one)
                     counts[index] += 1
                     cuts.append((r.output.tell() - start, *counts))
@@ -526,10 +526,9 @@ class _Records:
     """One instance's records, made once per rendering of its service and shared by every
     owner name it appears under (the service, its SRV names, its tags)."""
 
-    __slots__ = ("inst", "target", "srv", "address")
+    __slots__ = ("target", "srv", "address")
 
     def __init__(self, inst: Instance, target: dns.name.Name, ttl: int) -> None:
-        self.inst = inst
         self.target = target
         self.srv = SRV(
             dns.rdataclass.IN, dns.rdatatype.SRV, SRV_PRIORITY, inst.weight, inst.port, target

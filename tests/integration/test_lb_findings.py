@@ -270,6 +270,17 @@ async def test_head_503_dropped_for_a_retry_does_not_wait_for_its_declared_lengt
             s.close()
 
 
+@contextlib.asynccontextmanager
+async def _lb_before(peer: StreamPeer, **cfg):
+    """An in-process LB whose one endpoint is ``peer`` (started here), with no retries."""
+    await peer.start()
+    try:
+        async with lb_in_process([peer.endpoint], retries=0, hash_on=(), **cfg) as lb:
+            yield lb
+    finally:
+        await peer.stop()
+
+
 # A client that lags behind its response
 
 
@@ -318,28 +329,24 @@ async def test_a_connection_pooled_while_its_client_lagged_reads_the_next_respon
     upstream for it (back-pressure), and the response completed in that state. The
     connection goes back to the pool reading again, so the next request on it, from any
     client, is answered at once instead of waiting unread for its 504."""
-    peer = await _TailPeer().start()
-    try:
-        async with lb_in_process([peer.endpoint], retries=0, hash_on=(), request_timeout=3) as lb:
-            state = lb.cluster.view.states[0]
-            for _ in range(2):
-                task = asyncio.create_task(_slow_download(lb.port, b"/big"))
-                async with asyncio.timeout(5):
-                    while not lb.server.connections:
-                        await asyncio.sleep(0.001)
-                for down in lb.server.connections:  # a small kernel buffer toward the client
-                    sock = down.transport.get_extra_info("socket")
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-                assert await task == 400000
-                assert state.idle and all(conn.transport.is_reading() for conn, _ in state.idle)
-                reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
-                writer.write(b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n")
-                async with asyncio.timeout(2):
-                    status, _, _ = await read_response(reader)
-                assert status == 200
-                writer.close()
-    finally:
-        await peer.stop()
+    async with _lb_before(_TailPeer(), request_timeout=3) as lb:
+        state = lb.cluster.view.states[0]
+        for _ in range(2):
+            task = asyncio.create_task(_slow_download(lb.port, b"/big"))
+            async with asyncio.timeout(5):
+                while not lb.server.connections:
+                    await asyncio.sleep(0.001)
+            for down in lb.server.connections:  # a small kernel buffer toward the client
+                sock = down.transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            assert await task == 400000
+            assert state.idle and all(conn.transport.is_reading() for conn, _ in state.idle)
+            reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+            writer.write(b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n")
+            async with asyncio.timeout(2):
+                status, _, _ = await read_response(reader)
+            assert status == 200
+            writer.close()
 
 
 # A switch of protocols nobody asked for
@@ -365,22 +372,19 @@ class _SwitchingPeer(StreamPeer):
 async def test_a_101_to_a_request_that_asked_for_no_upgrade_is_a_502():
     """Tunnelling it would hand the client's next requests to that peer unparsed: no
     routing, no limits, no X-Forwarded-For of ours. Envoy answers 502 as well."""
-    peer = await _SwitchingPeer().start()
-    try:
-        async with lb_in_process([peer.endpoint], retries=0, hash_on=()) as lb:
-            reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
-            writer.write(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
-            async with asyncio.timeout(5):
-                status, _, _ = await read_response(reader)
-            assert status == 502
-            # The connection is still HTTP: the next request is parsed and routed again.
-            writer.write(b"GET /admin HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
-            async with asyncio.timeout(5):
-                status, _, _ = await read_response(reader)
-            assert status == 502 and not peer.raw
-            writer.close()
-    finally:
-        await peer.stop()
+    peer = _SwitchingPeer()
+    async with _lb_before(peer) as lb:
+        reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+        writer.write(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+        async with asyncio.timeout(5):
+            status, _, _ = await read_response(reader)
+        assert status == 502
+        # The connection is still HTTP: the next request is parsed and routed again.
+        writer.write(b"GET /admin HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
+        async with asyncio.timeout(5):
+            status, _, _ = await read_response(reader)
+        assert status == 502 and not peer.raw
+        writer.close()
 
 
 # Chunk extensions and trailers without end
@@ -434,21 +438,17 @@ class _TrailerPeer(StreamPeer):
 
 
 async def test_a_response_trailer_over_64k_cuts_the_response():
-    peer = await _TrailerPeer().start()
-    try:
-        async with lb_in_process([peer.endpoint], retries=0, hash_on=()) as lb:
-            reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
-            writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            out = b""
-            with contextlib.suppress(ConnectionError):
-                async with asyncio.timeout(5):
-                    while data := await reader.read(65536):
-                        out += data
-            assert out.startswith(b"HTTP/1.1 200 ") and b"hello" in out
-            assert not out.endswith(b"0\r\n\r\n")  # cut short: the client sees an error
-            writer.close()
-    finally:
-        await peer.stop()
+    async with _lb_before(_TrailerPeer()) as lb:
+        reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        out = b""
+        with contextlib.suppress(ConnectionError):
+            async with asyncio.timeout(5):
+                while data := await reader.read(65536):
+                    out += data
+        assert out.startswith(b"HTTP/1.1 200 ") and b"hello" in out
+        assert not out.endswith(b"0\r\n\r\n")  # cut short: the client sees an error
+        writer.close()
 
 
 class _CodedPeer(StreamPeer):
@@ -469,14 +469,10 @@ class _CodedPeer(StreamPeer):
 async def test_a_response_with_a_transfer_coding_other_than_chunked_is_a_502(coding):
     """Forwarded re-chunked, the client would get the coded bytes with nothing saying how
     they are coded. Like nginx and Envoy, the LB refuses the response."""
-    peer = await _CodedPeer(coding).start()
-    try:
-        async with lb_in_process([peer.endpoint], retries=0, hash_on=()) as lb:
-            reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
-            writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            async with asyncio.timeout(5):
-                status, _, _ = await read_response(reader)
-            assert status == 502
-            writer.close()
-    finally:
-        await peer.stop()
+    async with _lb_before(_CodedPeer(coding)) as lb:
+        reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        async with asyncio.timeout(5):
+            status, _, _ = await read_response(reader)
+        assert status == 502
+        writer.close()
