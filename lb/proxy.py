@@ -832,7 +832,7 @@ class Downstream(asyncio.Protocol):
         self.server.count_local(408)
         _write(self.transport, http1.error_response(408))
         self.keep_alive = False
-        self.close()
+        self._linger()  # the client may still be sending its head
 
     # Closing
 
@@ -848,8 +848,8 @@ class Downstream(asyncio.Protocol):
         self._linger()
 
     def _linger(self) -> None:
-        """Send the end of the stream after the answer and drop what still comes, so the
-        client reads the answer before the connection closes (see LINGER_SECONDS)."""
+        """After an error answer: send the end of the stream and drop what still comes, so
+        the client reads the answer before the connection closes (see LINGER_SECONDS)."""
         t = self.transport
         if t is None or t.is_closing() or self.lingering is not None:
             return

@@ -130,3 +130,5 @@ async def test_an_outage_during_the_grace_keeps_the_held_state(tmp_path):
         await asyncio.sleep(max(0.0, back + 3.5 - loop.time()))  # past the first grace
         assert not follower.connected
         assert _ids(follower) == ["web/a"], "the last state is kept while away"
+        await _back(db, follower)
+        await _until(lambda: not _ids(follower), 10, "dropped after the new grace", follower)
