@@ -1,21 +1,27 @@
-# The two commands: `make demo` and `make test`. Both build .venv on first use.
+# The two commands: `make demo` and `make test`. Both build .venv on first use, and with it the
+# native core (native/, a Rust crate compiled by maturin into mesh_native/_core*.so).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+CARGO := cargo
+CRATE := native
+NATIVE_SRC := $(CRATE)/Cargo.toml $(CRATE)/Cargo.lock $(shell find $(CRATE)/src -name '*.rs')
 
-.PHONY: demo test perf lint clean
+.PHONY: demo test test-native test-tools perf lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
+# An editable install: the Python packages are used in place, the extension is compiled
+# (release profile) into mesh_native/. A change to the crate rebuilds it.
+$(STAMP): pyproject.toml $(NATIVE_SRC) | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
-$(TEST_STAMP): pyproject.toml | $(BIN)/python
+$(TEST_STAMP): pyproject.toml $(NATIVE_SRC) | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@ $(STAMP)
 
@@ -28,7 +34,13 @@ test-tools:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsutils iproute2 curl >/dev/null; \
 	fi
 
-test: $(TEST_STAMP) test-tools
+# The crate on its own: formatting, lints as errors, its unit and fixture tests.
+test-native:
+	cd $(CRATE) && $(CARGO) fmt --check
+	cd $(CRATE) && $(CARGO) clippy --locked --all-targets -- -D warnings
+	cd $(CRATE) && $(CARGO) test --locked --quiet
+
+test: $(TEST_STAMP) test-tools test-native
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -36,4 +48,4 @@ perf: $(TEST_STAMP)
 	$(BIN)/python -m perf
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(CRATE)/target mesh_native/_core*.so

@@ -94,9 +94,7 @@ def cluster_json(c: Cluster) -> dict:
         stats = view.table.stats()
         table = {
             "kind": view.table.kind,
-            "size": len(view.table.table)
-            if c.config.policy == "maglev"
-            else len(view.table.points),
+            "size": view.table.size,
             "entries_min": stats.min,
             "entries_max": stats.max,
         }

@@ -114,6 +114,11 @@ def parse(
 def main(argv: Sequence[str] | None = None) -> int:
     from mesh import logsetup
 
+    try:
+        import mesh_native  # noqa: F401  (the LB and the tables need it: fail here, in one line)
+    except ImportError as exc:
+        print(f"mesh: error: {exc}", file=sys.stderr)
+        return 1
     cmd, values, ns = parse(sys.argv[1:] if argv is None else argv)
     logsetup.setup(ns.log_level)
     try:

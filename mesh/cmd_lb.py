@@ -24,7 +24,7 @@ from lb.endpoints import EndpointSet, parse_endpoint
 from lb.hashing import HashSource
 from lb.health import HealthConfig
 from lb.outlier import OutlierConfig
-from lb.ring import MAGLEV_TABLE_SIZE, _is_prime
+from lb.ring import MAGLEV_TABLE_SIZE, is_prime
 from lb.server import HEADER_TIMEOUT, MAX_CONNECTIONS, Route, Server, bind
 from mesh.cli import Command
 from mesh.config import (
@@ -70,7 +70,7 @@ def _hash_source(value: Any) -> HashSource:
 
 def _prime(value: Any) -> int:
     n = integer(251, 5_000_011)(value)
-    if not _is_prime(n):
+    if not is_prime(n):
         raise ValueError(f"must be a prime number, got {n}")
     return n
 

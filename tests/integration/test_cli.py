@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from pymongo import MongoClient
@@ -155,3 +158,20 @@ def test_registry_password_is_never_logged(args):
     text = "".join(lines)
     assert "mongodb://mesh:****@127.0.0.1:1/mesh" in text, text[-2000:]
     assert "hunter2" not in text
+
+
+def test_an_unbuilt_native_core_is_one_line_at_start(tmp_path):
+    """The package without its compiled module (a source tree nobody built): mesh says so
+    in one line and stops; it never runs some slower way."""
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "mesh_native").mkdir()
+    shutil.copy(root / "mesh_native" / "__init__.py", tmp_path / "mesh_native" / "__init__.py")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{root}"}
+    out = subprocess.run(
+        [sys.executable, "-m", "mesh", "lb", "--help"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 1, out
+    assert out.stderr.startswith("mesh: error: mesh's native core is not built"), out.stderr
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
