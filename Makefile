@@ -37,7 +37,7 @@ test-tools:
 # The crate on its own: formatting, lints as errors, its unit and fixture tests.
 test-native:
 	cd $(CRATE) && $(CARGO) fmt --check
-	cd $(CRATE) && $(CARGO) clippy --locked --all-targets -- -D warnings
+	cd $(CRATE) && $(CARGO) clippy --locked --all-targets --features python -- -D warnings
 	cd $(CRATE) && $(CARGO) test --locked --quiet
 
 test: $(TEST_STAMP) test-tools test-native

@@ -352,8 +352,8 @@ class Upstream(asyncio.Protocol):
         if down.writing_paused:
             self.transport.pause_reading()  # the client still has not taken the last response
         upgrade = head.upgrade is not None
-        data = http1.build_upstream_head(
-            head, down.client_ip_bytes, upgrade=upgrade, default_host=self.state.host_header
+        data = head.upstream_head(
+            down.client_ip_bytes, upgrade=upgrade, default_host=self.state.host_header
         )
         if req.ended and not req.body and not req.replay and not upgrade:
             self.transport.write(data)  # no body, or none left to send: the common case

@@ -26,3 +26,30 @@ class RingTable:
 
 def key_hash(data: bytes) -> int: ...
 def is_prime(n: int) -> bool: ...
+
+class RequestHead:
+    """A parsed request head (native/src/http/request.rs)."""
+
+    method: bytes
+    url: bytes
+    version: str
+    host: bytes
+    upgrade: bytes | None
+    picked: list[tuple[bytes, bytes]]
+    content_length: int | None
+    chunked: bool
+    keep_alive: bool
+    expect_continue: bool
+    @property
+    def has_body(self) -> bool: ...
+    def upstream_head(
+        self, client_ip: bytes, *, upgrade: bool = False, default_host: bytes = b""
+    ) -> bytes: ...
+
+class RequestReader:
+    """One client connection's request stream (native/src/http/reader.rs)."""
+
+    def __new__(cls, sink: object, wanted: frozenset[bytes] | None = None) -> RequestReader: ...
+    @property
+    def in_head(self) -> bool: ...
+    def feed(self, data: bytes) -> int | None: ...

@@ -1,4 +1,5 @@
-"""HTTP/1.1 framing core: bytes in, heads and body out, limits, the upstream head."""
+"""HTTP/1.1 framing core (the native reader): bytes in, heads and body out, limits, the
+upstream head."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lb import http1
-from lb.http1 import BadRequest, RequestReader, build_upstream_head
+from lb.http1 import BadRequest, RequestReader
 
 
 class Sink:
@@ -49,7 +50,7 @@ def test_chunked_request_and_upstream_head():
     [head] = sink.heads
     assert sink.body == b"hello world" and sink.ends == 1
     assert head.chunked and head.host == b"app.example" and head.picked == [(b"x-user", b"alice")]
-    up = build_upstream_head(head, b"10.0.0.7").decode()
+    up = head.upstream_head(b"10.0.0.7").decode()
     lines = up.split("\r\n")
     assert lines[0] == "POST /up?x=1 HTTP/1.1"
     assert "Host: app.example" in lines and "X-User: alice" in lines
@@ -65,9 +66,7 @@ def test_chunked_request_and_upstream_head():
 def test_any_split_gives_the_same_request(step):
     whole, split = _feed(POST), _feed(POST, step=step)
     assert split.body == whole.body and split.ends == 1
-    assert build_upstream_head(split.heads[0], b"1.2.3.4") == build_upstream_head(
-        whole.heads[0], b"1.2.3.4"
-    )
+    assert split.heads[0].upstream_head(b"1.2.3.4") == whole.heads[0].upstream_head(b"1.2.3.4")
 
 
 @given(st.binary(max_size=300))
@@ -101,7 +100,7 @@ def test_http10_without_host_gets_the_upstream_address():
     sink = _feed(b"GET /x HTTP/1.0\r\n\r\n")
     head = sink.heads[0]
     assert not head.keep_alive
-    up = build_upstream_head(head, b"1.2.3.4", default_host=b"10.0.0.1:80")
+    up = head.upstream_head(b"1.2.3.4", default_host=b"10.0.0.1:80")
     assert b"Host: 10.0.0.1:80\r\n" in up and b"X-Forwarded-Host" not in up
 
 
@@ -114,7 +113,7 @@ def test_upgrade_only_when_connection_names_it():
     )
     head = sink.heads[0]
     assert head.upgrade == b"websocket" and offset is not None
-    up = build_upstream_head(head, b"1.2.3.4", upgrade=True)
+    up = head.upstream_head(b"1.2.3.4", upgrade=True)
     assert up.endswith(b"Connection: upgrade\r\nUpgrade: websocket\r\n\r\n")
 
 

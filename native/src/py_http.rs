@@ -1,0 +1,240 @@
+//! The request path's Python face: `RequestReader` drives [`RequestStream`] for one client
+//! connection and hands its sink `RequestHead`s, body bytes and ends; `BadRequest` carries
+//! the status to answer (a class of `mesh_native/__init__.py`).
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+use pyo3::{PyTraverseError, PyVisit};
+
+use crate::http::reader::{RequestStream, Sink};
+use crate::http::request::Head;
+use crate::http::{rewrite, Reject};
+
+/// `mesh_native.BadRequest` (a Python class: an abi3 module cannot subclass exceptions).
+static BAD_REQUEST: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+fn bad_request(py: Python<'_>, r: Reject) -> PyErr {
+    let class = BAD_REQUEST.get_or_try_init(py, || {
+        py.import("mesh_native")
+            .and_then(|m| m.getattr("BadRequest"))
+            .map(Bound::unbind)
+    });
+    match class.and_then(|c| c.call1(py, (r.status, r.reason))) {
+        Ok(exc) => PyErr::from_value(exc.into_bound(py)),
+        Err(e) => e,
+    }
+}
+
+/// A parsed request head. The fields Python reads are made once, when the head is.
+#[pyclass(frozen, module = "mesh_native", name = "RequestHead")]
+pub struct RequestHead {
+    head: Box<Head>,
+    #[pyo3(get)]
+    method: Py<PyBytes>,
+    #[pyo3(get)]
+    url: Py<PyBytes>,
+    #[pyo3(get)]
+    version: Py<PyString>,
+    #[pyo3(get)]
+    host: Py<PyBytes>,
+    #[pyo3(get)]
+    upgrade: Option<Py<PyBytes>>,
+    /// `(lower-cased name, value)` of the fields the router asked for.
+    #[pyo3(get)]
+    picked: Py<PyList>,
+    #[pyo3(get)]
+    content_length: Option<u64>,
+    #[pyo3(get)]
+    chunked: bool,
+    #[pyo3(get)]
+    keep_alive: bool,
+    #[pyo3(get)]
+    expect_continue: bool,
+}
+
+impl RequestHead {
+    fn new(py: Python<'_>, head: Box<Head>) -> PyResult<Self> {
+        let picked: Vec<Bound<'_, PyTuple>> = head
+            .picked
+            .iter()
+            .map(|(n, v)| PyTuple::new(py, [PyBytes::new(py, n), PyBytes::new(py, v)]))
+            .collect::<PyResult<_>>()?;
+        Ok(RequestHead {
+            method: PyBytes::new(py, &head.method).unbind(),
+            url: PyBytes::new(py, &head.target).unbind(),
+            version: PyString::intern(py, head.version.as_str()).unbind(),
+            host: PyBytes::new(py, &head.host).unbind(),
+            upgrade: head
+                .upgrade
+                .as_deref()
+                .map(|u| PyBytes::new(py, u).unbind()),
+            picked: PyList::new(py, picked)?.unbind(),
+            content_length: head.content_length,
+            chunked: head.chunked,
+            keep_alive: head.keep_alive,
+            expect_continue: head.expect_continue,
+            head,
+        })
+    }
+}
+
+#[pymethods]
+impl RequestHead {
+    #[getter]
+    fn has_body(&self) -> bool {
+        self.head.has_body()
+    }
+
+    /// The head to send upstream (see `native/src/http/rewrite.rs`).
+    #[pyo3(signature = (client_ip, *, upgrade = false, default_host = b"".as_slice()))]
+    fn upstream_head<'py>(
+        &self,
+        py: Python<'py>,
+        client_ip: &[u8],
+        upgrade: bool,
+        default_host: &[u8],
+    ) -> Bound<'py, PyBytes> {
+        PyBytes::new(
+            py,
+            &rewrite::upstream_head(&self.head, client_ip, upgrade, default_host),
+        )
+    }
+
+    fn __repr__(&self) -> String {
+        let url = String::from_utf8_lossy(&self.head.target);
+        let url: String = url.chars().take(60).collect();
+        format!(
+            "<RequestHead {} {url}>",
+            String::from_utf8_lossy(&self.head.method)
+        )
+    }
+}
+
+enum Event {
+    Head(Py<RequestHead>),
+    Body(Py<PyBytes>),
+    End,
+}
+
+/// Collects what the stream hands out while it runs; the sink is called after, so that a
+/// sink may read the reader's state (no borrow is held across Python code).
+struct Collect<'py> {
+    py: Python<'py>,
+    events: Vec<Event>,
+    error: Option<PyErr>,
+}
+
+impl Sink for Collect<'_> {
+    fn head(&mut self, head: Box<Head>) {
+        match RequestHead::new(self.py, head).and_then(|h| Py::new(self.py, h)) {
+            Ok(h) => self.events.push(Event::Head(h)),
+            Err(e) => self.error = Some(e),
+        }
+    }
+
+    fn body(&mut self, data: &[u8]) {
+        self.events
+            .push(Event::Body(PyBytes::new(self.py, data).unbind()));
+    }
+
+    fn end(&mut self) {
+        self.events.push(Event::End);
+    }
+}
+
+/// One client connection's request reader: `feed(data)` parses, then calls the sink's
+/// `on_request(head)`, `on_body(data)` and `on_request_end()` in order; it raises
+/// `BadRequest` for a request that cannot be served, and returns the offset in `data` where
+/// an upgraded stream starts, if one does.
+#[pyclass(module = "mesh_native", name = "RequestReader")]
+pub struct RequestReader {
+    stream: RequestStream,
+    /// The sink's three methods. The sink holds its reader too: the collector sees the cycle
+    /// through `__traverse__` and breaks it with `__clear__`.
+    sink: Option<SinkMethods>,
+}
+
+struct SinkMethods {
+    on_request: Py<PyAny>,
+    on_body: Py<PyAny>,
+    on_request_end: Py<PyAny>,
+}
+
+#[pymethods]
+impl RequestReader {
+    #[new]
+    #[pyo3(signature = (sink, wanted = None))]
+    fn new(sink: &Bound<'_, PyAny>, wanted: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        let mut names = Vec::new();
+        if let Some(wanted) = wanted {
+            for name in wanted.try_iter()? {
+                names.push(name?.extract::<Vec<u8>>()?);
+            }
+        }
+        Ok(RequestReader {
+            stream: RequestStream::new(names),
+            sink: Some(SinkMethods {
+                on_request: sink.getattr("on_request")?.unbind(),
+                on_body: sink.getattr("on_body")?.unbind(),
+                on_request_end: sink.getattr("on_request_end")?.unbind(),
+            }),
+        })
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if let Some(s) = &self.sink {
+            visit.call(&s.on_request)?;
+            visit.call(&s.on_body)?;
+            visit.call(&s.on_request_end)?;
+        }
+        Ok(())
+    }
+
+    fn __clear__(&mut self) {
+        self.sink = None;
+    }
+
+    #[getter]
+    fn in_head(&self) -> bool {
+        self.stream.in_head()
+    }
+
+    fn feed(slf: &Bound<'_, Self>, data: &[u8]) -> PyResult<Option<usize>> {
+        let py = slf.py();
+        let mut out = Collect {
+            py,
+            events: Vec::new(),
+            error: None,
+        };
+        let (result, methods) = {
+            let mut this = slf.borrow_mut();
+            let r = this.stream.feed(data, &mut out);
+            let methods = this.sink.as_ref().map(|s| {
+                (
+                    s.on_request.clone_ref(py),
+                    s.on_body.clone_ref(py),
+                    s.on_request_end.clone_ref(py),
+                )
+            });
+            (r, methods)
+        };
+        let Some((on_request, on_body, on_end)) = methods else {
+            return Err(PyRuntimeError::new_err("the reader's sink is gone"));
+        };
+        if let Some(e) = out.error {
+            return Err(e);
+        }
+        // What was read before a refusal is still delivered: an earlier pipelined request
+        // is served before the bad one is answered.
+        for event in out.events {
+            match event {
+                Event::Head(h) => on_request.call1(py, (h,))?,
+                Event::Body(b) => on_body.call1(py, (b,))?,
+                Event::End => on_end.call0(py)?,
+            };
+        }
+        result.map_err(|r| bad_request(py, r))
+    }
+}
