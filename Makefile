@@ -1,5 +1,6 @@
 # The two commands: `make demo` and `make test`. Both build .venv on first use, and with it the
 # native core (native/, a Rust crate compiled by maturin into mesh_native/_core*.so).
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ CARGO := cargo
 CRATE := native
 NATIVE_SRC := $(CRATE)/Cargo.toml $(CRATE)/Cargo.lock $(shell find $(CRATE)/src -name '*.rs')
 
-.PHONY: demo test test-native test-tools perf lint clean
+.PHONY: demo test test-native test-fuzz test-tools perf lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +41,22 @@ test-native:
 	cd $(CRATE) && $(CARGO) clippy --locked --all-targets --features python -- -D warnings
 	cd $(CRATE) && $(CARGO) test --locked --quiet
 
-test: $(TEST_STAMP) test-tools test-native
+# A bounded run of each fuzz target (native/fuzz): cargo-fuzz is installed when missing. It
+# asks rustc for nightly-only flags (the sanitizer); RUSTC_BOOTSTRAP lets the stable toolchain,
+# the only one here, take them. A crash fails the run and leaves its input in fuzz/artifacts.
+FUZZ_TARGETS := request_stream chunked
+FUZZ_SECONDS ?= 20
+CARGO_FUZZ_VERSION := 0.13.2
+test-fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install --quiet --locked cargo-fuzz --version $(CARGO_FUZZ_VERSION)
+	cd $(CRATE)/fuzz && for t in $(FUZZ_TARGETS); do \
+		mkdir -p corpus/$$t && \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t corpus/$$t seeds/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 2>&1 | grep -E '^(Done|stat::number_of_executed_units)|panicked|ERROR|SUMMARY'; \
+		test $${PIPESTATUS[0]} -eq 0 || exit 1; \
+	done
+
+test: $(TEST_STAMP) test-tools test-native test-fuzz
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

@@ -117,14 +117,18 @@ impl Decoder {
                         self.state = State::Done;
                         continue;
                     }
-                    if has_bare_lf(None, rest) || has_bare_cr(rest) {
+                    // The section's own bytes only: what follows it is the next request's.
+                    let end = rest.windows(4).position(|w| w == b"\r\n\r\n");
+                    let section = rest
+                        .get(..end.map_or(rest.len(), |e| e + 4))
+                        .unwrap_or_default();
+                    if has_bare_lf(None, section) || has_bare_cr(section) {
                         return Err(Reject::new(400, "bare CR or LF in the trailer section"));
                     }
-                    let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    if end.is_none() {
                         self.bound(rest.len())?;
                         break;
-                    };
-                    let section = rest.get(..end + 4).unwrap_or_default();
+                    }
                     self.bound(section.len())?;
                     trailers(section)?;
                     pos += section.len();
