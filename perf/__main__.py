@@ -130,7 +130,11 @@ SECTIONS: dict[str, Callable[[bool], list[Row]]] = {
 
 def _optional_sections() -> None:
     """LB and DNS benchmarks live in their own modules; each exposes ``rows(quick)``."""
-    for name, module in (("lb", "perf.lb_bench"), ("dns", "perf.dns_bench")):
+    for name, module in (
+        ("native", "perf.native_bench"),
+        ("lb", "perf.lb_bench"),
+        ("dns", "perf.dns_bench"),
+    ):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -21,6 +21,8 @@ EXPECTED = (
     "LB req/s, one core, c50",
     "LB CPU per request, c50",
     "DNS SRV queries/s, one core",
+    "Maglev build, 65537 slots, 100 endpoints",
+    "request read and upstream head, per request",
 )
 
 
