@@ -9,7 +9,7 @@ use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::http::reader::{RequestStream, Sink};
-use crate::http::request::Head;
+use crate::http::request::{Head, Version};
 use crate::http::{rewrite, Reject};
 
 /// `mesh_native.BadRequest` (a Python class: an abi3 module cannot subclass exceptions).
@@ -54,6 +54,22 @@ pub struct RequestHead {
     expect_continue: bool,
 }
 
+/// "1.0" and "1.1", made once: a head takes a reference, not a new string.
+static VERSIONS: PyOnceLock<[Py<PyString>; 2]> = PyOnceLock::new();
+
+fn version_str(py: Python<'_>, v: Version) -> Py<PyString> {
+    let [v10, v11] = VERSIONS.get_or_init(py, || {
+        [
+            PyString::intern(py, "1.0").unbind(),
+            PyString::intern(py, "1.1").unbind(),
+        ]
+    });
+    match v {
+        Version::Http10 => v10.clone_ref(py),
+        Version::Http11 => v11.clone_ref(py),
+    }
+}
+
 impl RequestHead {
     fn new(py: Python<'_>, head: Box<Head>) -> PyResult<Self> {
         let picked: Vec<Bound<'_, PyTuple>> = head
@@ -64,7 +80,7 @@ impl RequestHead {
         Ok(RequestHead {
             method: PyBytes::new(py, &head.method).unbind(),
             url: PyBytes::new(py, &head.target).unbind(),
-            version: PyString::intern(py, head.version.as_str()).unbind(),
+            version: version_str(py, head.version),
             host: PyBytes::new(py, &head.host).unbind(),
             upgrade: head
                 .upgrade

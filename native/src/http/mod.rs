@@ -46,12 +46,18 @@ pub(crate) fn offset_in(outer: &[u8], inner: &[u8]) -> usize {
 /// `data`, if any): RFC 9112 §2.2 lets a recipient accept a bare LF, and a proxy must not,
 /// since the peer behind it may not.
 pub(crate) fn has_bare_lf(prev: Option<u8>, data: &[u8]) -> bool {
-    let mut before = prev;
-    for &b in data {
-        if b == b'\n' && before != Some(b'\r') {
+    let mut from = 0;
+    // Line feeds are few: jump from one to the next (memchr) and look behind each.
+    while let Some(i) = data
+        .get(from..)
+        .and_then(|rest| rest.iter().position(|&b| b == b'\n'))
+    {
+        let at = from + i;
+        let before = at.checked_sub(1).map_or(prev, |b| data.get(b).copied());
+        if before != Some(b'\r') {
             return true;
         }
-        before = Some(b);
+        from = at + 1;
     }
     false
 }

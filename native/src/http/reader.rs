@@ -141,7 +141,7 @@ impl RequestStream {
                     // when a line may have ended (a CR or LF came), or while the head is short,
                     // so that garbage is refused as it arrives and a head dripped byte by byte
                     // costs no more than a few scans of itself.
-                    let ended = fresh.iter().any(|&b| b == b'\n' || b == b'\r');
+                    let ended = fresh.contains(&b'\n') || fresh.contains(&b'\r');
                     let parsed = if ended || rest.len() <= EAGER_PARSE_BYTES {
                         *line_done |= fresh.contains(&b'\n');
                         request::parse(rest, &self.wanted)?

@@ -5,6 +5,8 @@
 //! bare LF, obs-fold, whitespace before a colon, control bytes → 400.
 #![deny(clippy::indexing_slicing)]
 
+use std::mem::MaybeUninit;
+
 use super::{offset_in, Reject, MAX_HEADERS, MAX_HEADER_BYTES, MAX_REQUEST_LINE_BYTES};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,30 +108,29 @@ enum Special {
 }
 
 fn special(name: &[u8]) -> Special {
-    // Most fields are none of these: their length alone says so.
-    if !matches!(name.len(), 2..=19) {
-        return Special::Plain;
-    }
-    let lower = name.to_ascii_lowercase();
-    match lower.as_slice() {
-        b"host" => Special::Host,
-        b"content-length" => Special::ContentLength,
-        b"transfer-encoding" => Special::TransferEncoding,
-        b"connection" => Special::Connection,
-        b"upgrade" => Special::Upgrade,
-        b"expect" => Special::Expect,
-        b"x-forwarded-for" => Special::XForwardedFor,
-        b"via" => Special::Via,
-        b"keep-alive"
-        | b"proxy-connection"
-        | b"te"
-        | b"trailer"
-        | b"proxy-authenticate"
-        | b"proxy-authorization"
-        | b"x-forwarded-proto"
-        | b"x-forwarded-host" => Special::Dropped,
-        _ => Special::Plain,
-    }
+    // A table by length: most fields match none, and no name is copied to be compared.
+    const NAMES: [(&[u8], Special); 16] = [
+        (b"host", Special::Host),
+        (b"content-length", Special::ContentLength),
+        (b"transfer-encoding", Special::TransferEncoding),
+        (b"connection", Special::Connection),
+        (b"upgrade", Special::Upgrade),
+        (b"expect", Special::Expect),
+        (b"x-forwarded-for", Special::XForwardedFor),
+        (b"via", Special::Via),
+        (b"keep-alive", Special::Dropped),
+        (b"proxy-connection", Special::Dropped),
+        (b"te", Special::Dropped),
+        (b"trailer", Special::Dropped),
+        (b"proxy-authenticate", Special::Dropped),
+        (b"proxy-authorization", Special::Dropped),
+        (b"x-forwarded-proto", Special::Dropped),
+        (b"x-forwarded-host", Special::Dropped),
+    ];
+    NAMES
+        .iter()
+        .find(|(n, _)| n.len() == name.len() && n.eq_ignore_ascii_case(name))
+        .map_or(Special::Plain, |&(_, kind)| kind)
 }
 
 /// The methods forwarded: HTTP's (RFC 9110 §9), WebDAV's, and the others registered with
@@ -207,9 +208,10 @@ pub enum Parsed {
 /// Parse a request head from the start of `src` (its leading empty lines already skipped).
 /// `wanted` are the lower-cased names whose values the router asked for.
 pub fn parse(src: &[u8], wanted: &[Vec<u8>]) -> Result<Parsed, Reject> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut fields);
-    let n = match req.parse(src) {
+    // Left uninitialised: httparse writes the fields it finds (no 100-entry fill per head).
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let n = match req.parse_with_uninit_headers(src, &mut fields) {
         Ok(httparse::Status::Partial) => {
             // A method no request could have is refused now, not when its head is complete.
             let word = src.split(|&b| b == b' ').next().unwrap_or_default();
