@@ -1,12 +1,15 @@
-"""HTTP/1.1 framing. Requests are read by the native core (``native/src/http``): httparse
-for the grammar, and on top of it every framing and smuggling rule, the chunked decoder and
-the head sent upstream. What remains here: the limits and names the response side shares,
-and the small heads the proxy writes itself.
+"""HTTP/1.1 framing. Both ways it is the native core's (``native/src/http``): httparse for the
+grammar, and on top of it every framing and smuggling rule, the chunked decoder, the head
+sent upstream and the head the client gets. What remains here: the small responses and
+framing pieces the proxy writes itself.
 
 Bytes in, calls out: a :class:`RequestReader` is fed bytes and calls its sink's
 ``on_request(head)``, ``on_body(data)``, ``on_request_end()``; it raises
 :class:`BadRequest` with the status to answer; ``head.upstream_head(client_ip, …)`` is the
-request head to send upstream, as one bytes object.
+request head to send upstream, as one bytes object. A :class:`ResponseReader` does the same
+for a peer's responses (``on_response(head)``, ``on_body``, ``on_response_end``, or
+:class:`BadResponse`), told before each exchange whether the request was a HEAD and whether
+it asked for an upgrade.
 
 Rejections follow nginx and Envoy (RFC 9112 §6.1, §6.3 on request smuggling):
 Content-Length with Transfer-Encoding → 400; several Content-Length → 400; a
@@ -17,29 +20,23 @@ garbage → 400. ``THREAT_MODEL.md`` lists each with its reason.
 
 from __future__ import annotations
 
-from mesh_native import BadRequest, RequestHead, RequestReader
-
-__all__ = ["BadRequest", "RequestHead", "RequestReader"]
-
-# Limits (the native reader holds the same for requests: native/src/http/mod.rs).
-MAX_HEADER_BYTES = 64 * 1024  # the whole head; Envoy 60 KiB, nginx 4 × 8 KiB, h11 16 KiB
-MAX_HEADERS = 100  # Envoy's max_headers_count default
-
-# RFC 9110 §7.6.1 hop-by-hop fields, plus the de-facto ones (keep-alive, proxy-connection).
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    }
+from mesh_native import (
+    BadRequest,
+    BadResponse,
+    RequestHead,
+    RequestReader,
+    ResponseHead,
+    ResponseReader,
 )
-CONNECTION_PLAIN = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+__all__ = [
+    "BadRequest",
+    "BadResponse",
+    "RequestHead",
+    "RequestReader",
+    "ResponseHead",
+    "ResponseReader",
+]
 
 REASONS = {
     100: b"Continue",
@@ -58,16 +55,6 @@ REASONS = {
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
-
-
-def drop_named(lines: list[bytes], names: frozenset[bytes]) -> list[bytes]:
-    """Remove the fields a Connection header names (RFC 9110 §7.6.1); ``lines`` come in
-    fours: name, ': ', value, CRLF."""
-    out: list[bytes] = []
-    for k in range(0, len(lines), 4):
-        if lines[k].lower() not in names:
-            out += lines[k : k + 4]
-    return out
 
 
 def error_response(

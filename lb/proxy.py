@@ -24,9 +24,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import httptools
-from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
-
 from lb import http1
 from lb.balancer import Pick
 from lb.cluster import LATENCY_BUCKETS
@@ -60,21 +57,6 @@ def _write(transport: asyncio.Transport | None, data: bytes) -> None:
     """Write unless the transport is gone (the peer left while bytes were on their way)."""
     if transport is not None and not transport.is_closing():
         transport.write(data)
-
-
-class _StopBody(Exception):
-    """Raised from a parser callback: the message has no body (HEAD, discarded retry)."""
-
-
-class _BadHead(Exception):
-    """Raised from a parser callback: a response head not to forward (too many fields, a
-    transfer coding other than chunked, a 101 to a request that asked for no upgrade)."""
-
-
-# A response head is bounded like a request head (see lb.http1): in bytes while it arrives,
-# in fields when it ends. Each forwarded field is four items of ``Upstream.resp_lines``.
-MAX_RESPONSE_HEAD_BYTES = http1.MAX_HEADER_BYTES
-MAX_RESPONSE_LINES = 4 * http1.MAX_HEADERS
 
 
 # Per-request state
@@ -129,16 +111,10 @@ class Upstream(asyncio.Protocol):
         "req",
         "done",
         "status",
-        "reason",
-        "resp_lines",
-        "te_chunked",
-        "conn_extra",
-        "upgrade_value",
-        "via",
+        "resp",
         "started",
         "head_only",
         "discard",
-        "content_length",
         "chunked_out",
         "keep_alive_out",
         "close_delimited",
@@ -146,14 +122,12 @@ class Upstream(asyncio.Protocol):
         "first_byte",
         "out",
         "pending",
-        "head_fed",
-        "moved",
     )
 
     def __init__(self, state: EndpointState) -> None:
         self.transport: asyncio.Transport | None = None
         self.state = state
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser = http1.ResponseReader(self)
         self.reusable = False
         self.down: Downstream | None = None
         self.req: Request | None = None
@@ -161,13 +135,11 @@ class Upstream(asyncio.Protocol):
         self.pending: Outcome | None = None
         self.upgraded = False
         self.out: list[bytes] | None = None  # downstream bytes gathered during one read
-        self.head_fed = 0  # bytes read while the head was incomplete, or the body quiet
-        self.moved = False  # body bytes came out of the last read (chunked bodies)
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
         self.status = 0
-        self._reset_head()
+        self.resp: http1.ResponseHead | None = None
         self.started = False  # a response byte reached the client
         self.head_only = False
         self.discard = False
@@ -175,15 +147,6 @@ class Upstream(asyncio.Protocol):
         self.keep_alive_out = True
         self.close_delimited = False
         self.first_byte = 0.0
-
-    def _reset_head(self) -> None:
-        self.reason = b""
-        self.resp_lines: list[bytes] = []
-        self.content_length: int | None = None
-        self.te_chunked = False
-        self.conn_extra: frozenset[bytes] = _NO_TOKENS  # fields Connection names
-        self.upgrade_value = b""
-        self.via = b""
 
     def __repr__(self) -> str:
         return f"<Upstream {self.state.endpoint.key} reusable={self.reusable} busy={self.done is not None}>"
@@ -251,49 +214,18 @@ class Upstream(asyncio.Protocol):
         # one write: a syscall costs as much as all the Python around it.
         self.out = []
         try:
-            self.parser.feed_data(data)
-        except HttpParserUpgrade as exc:
+            offset = self.parser.feed(data)
+        except http1.BadResponse as exc:
             self._flush(down)
-            self._upgrade(data[int(exc.args[0]) :])
-        except HttpParserCallbackError as exc:
-            self._flush(down)
-            if isinstance(exc.__context__, _StopBody):
-                # A HEAD response: llhttp would wait for Content-Length bytes.
-                self.parser = httptools.HttpResponseParser(self)
-                self._complete()
-            elif isinstance(exc.__context__, _BadHead):
+            if exc.gateway:
                 self._bad_head()
             else:
-                log.debug("upstream %s: callback error", self.state.endpoint.key, exc_info=True)
+                log.debug("upstream %s: %s", self.state.endpoint.key, exc.detail)
                 self._broken()
-        except HttpParserError:
-            self._flush(down)
-            self._broken()
-        else:
-            out = self.out  # self._flush(down), inline
-            self.out = None
-            if out and down is not None:
-                t = down.transport
-                if t is not None and not t.is_closing():
-                    t.write(out[0] if len(out) == 1 else b"".join(out))
-            if not self.status and self.done is not None:
-                # The head is still incomplete after this read (llhttp holds the field in
-                # progress): bound what it may grow to. A complete head is never counted.
-                self.head_fed += len(data)
-                if self.head_fed > MAX_RESPONSE_HEAD_BYTES:
-                    self._bad_head()
-                    return
-            elif self.te_chunked and self.pending is None and self.done is not None:
-                # In a chunked body, a read that moved no body bytes: chunk extensions or a
-                # trailer, which httptools grows by concatenation. Bounded like a head.
-                if self.moved:
-                    self.moved = False
-                    self.head_fed = 0
-                else:
-                    self.head_fed += len(data)
-                    if self.head_fed > MAX_RESPONSE_HEAD_BYTES:
-                        self._broken()
-                        return
+            return
+        self._flush(down)
+        if offset is not None:
+            self._upgrade(data[offset:])
         pending = self.pending
         if pending is not None:
             # The response ended in this read; its bytes are out, now let the request go on.
@@ -329,29 +261,22 @@ class Upstream(asyncio.Protocol):
         self.down = down
         self.req = req
         self.done = done
-        # _reset_exchange() and _reset_head(), inline: this runs once per request.
+        # _reset_exchange(), inline: this runs once per request.
         self.status = 0
-        self.reason = b""
-        self.resp_lines = []
-        self.content_length = None
-        self.te_chunked = False
-        self.conn_extra = _NO_TOKENS
-        self.upgrade_value = b""
-        self.via = b""
+        self.resp = None
         self.started = False
         self.head_only = False
         self.chunked_out = False
         self.keep_alive_out = True
         self.close_delimited = False
         self.first_byte = 0.0
-        self.head_fed = 0
-        self.moved = False
         self.discard = discard_5xx
         head = req.head
         self.head_only = head.method == b"HEAD"
         if down.writing_paused:
             self.transport.pause_reading()  # the client still has not taken the last response
         upgrade = head.upgrade is not None
+        self.parser.expect(head_only=self.head_only, upgrade=upgrade)
         data = head.upstream_head(
             down.client_ip_bytes, upgrade=upgrade, default_host=self.state.host_header
         )
@@ -417,7 +342,7 @@ class Upstream(asyncio.Protocol):
         Also the parser's ``on_message_complete``."""
         status = self.status
         if status == 0 or status == 101:
-            return  # the end of a 1xx; a 101 goes on as a tunnel (HttpParserUpgrade)
+            return  # a 101 goes on as a tunnel (the reader's upgrade offset)
         down = self.down
         req = self.req
         body_sent = req is not None and req.ended
@@ -428,7 +353,10 @@ class Upstream(asyncio.Protocol):
                 down.keep_alive = False
         if req is not None and not req.ended and down is not None:
             down.keep_alive = False  # the upstream answered before the body ended
-        upstream_keep = self.parser.should_keep_alive() if not self.head_only else True
+        # Bytes no response explains (a second response in the same write, a body longer
+        # than declared) mean the connection is in no known state: it is not pooled.
+        resp = self.resp
+        upstream_keep = resp is not None and resp.keep_alive and not self.parser.stray
         self.reusable = self.reusable and body_sent and upstream_keep
         if req is not None and req.sink is self:
             req.sink = None
@@ -484,121 +412,49 @@ class Upstream(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    # httptools callbacks (response)
+    # Response reader sink (native): interim 1xx heads, a 101 nobody asked for, misframed
+    # and oversized heads never get here; they are the reader's (native/src/http/response.rs).
 
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        # One pass: forwardable fields become head lines now; hop-by-hop and framing
-        # fields are noted and dropped (RFC 9110 §7.6.1).
-        if self.status:
-            return  # a trailer: dropped
-        # Most fields pass through; only names as long as a special one are looked at.
-        if len(name) in _RESP_SPECIAL_LENGTHS:
-            lname = name.lower()
-            if lname in _RESP_SPECIAL:
-                if lname == b"content-length":
-                    self.content_length = int(value) if value.isdigit() else None
-                elif lname == b"transfer-encoding":
-                    if self.te_chunked or value.strip().lower() != b"chunked":
-                        # Another coding (gzip, a list, a second field): its body ends only
-                        # at the close, under a coding we would have to pass on. nginx and
-                        # Envoy refuse such a response too.
-                        raise _BadHead
-                    self.te_chunked = True
-                elif lname == b"connection":
-                    if value.lower() not in http1.CONNECTION_PLAIN:
-                        tokens = frozenset(t.strip().lower() for t in value.split(b","))
-                        self.conn_extra = tokens - http1.CONNECTION_PLAIN
-                elif lname == b"upgrade":
-                    self.upgrade_value = value
-                elif lname == b"via":
-                    self.via = value + b", "
-                return
-        self.resp_lines += (name, b": ", value, b"\r\n")
-
-    def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if len(self.resp_lines) > MAX_RESPONSE_LINES:
-            raise _BadHead
-        if 100 <= status < 200 and status != 101:
-            self._reset_head()  # 100 Continue, 103 Early Hints: not forwarded
-            return
-        if status == 101 and (self.req is None or self.req.head.upgrade is None):
-            # A switch nobody asked for (RFC 9110 §15.2.2): tunnelling it would hand the
-            # client's later requests to this peer unparsed. Envoy answers 502 too.
-            raise _BadHead
+    def on_response(self, resp: http1.ResponseHead) -> None:
+        status = resp.status
         self.status = status
+        self.resp = resp
         head_only = self.head_only
-        if head_only or status == 204 or status == 304:
+        if (head_only or status == 204 or status == 304) and resp.declared_body:
             # No body follows (RFC 9112 §6.3), whatever the head declared. A peer that
             # declared one may still write it, later and in another segment, where the next
             # request on a pooled connection would read it as its own response: such a
             # connection is not pooled.
-            if self.te_chunked or self.content_length:
-                self.reusable = False
-            if status == 204:
-                self.content_length = None  # RFC 9110 §8.6: never sent with a 204
+            self.reusable = False
         if self.discard and status in RETRY_STATUSES:
-            if head_only:
-                raise _StopBody  # the parser would wait for the declared length
             return  # drop this response; the caller retries elsewhere
         self.discard = False
         down = self.down
         if down is None or down.transport is None or down.transport.is_closing():
             self.discard = True  # nobody to send it to: read it to the end and drop it
-            if head_only:
-                raise _StopBody
             return
         req_head = self.req.head
-        cl = None if self.te_chunked else self.content_length
+        cl = None if resp.chunked else resp.content_length
         no_body = head_only or status == 204 or status == 304 or status == 101
-        client_version = req_head.version
+        client_v11 = req_head.version == "1.1"
         keep = down.keep_alive and req_head.keep_alive and not down.server.draining
         if no_body or cl is not None:
             chunked_out = False
-        elif client_version == "1.1":
+        elif client_v11:
             chunked_out = True
         else:
             chunked_out = False
             keep = False  # HTTP/1.0 client, unknown length: the close ends the body
-        self.close_delimited = cl is None and not self.te_chunked and not no_body
+        self.close_delimited = cl is None and not resp.chunked and not no_body
         self.chunked_out = chunked_out
         self.keep_alive_out = keep
-        lines = self.resp_lines
-        if self.conn_extra:
-            lines = http1.drop_named(lines, self.conn_extra)
-        head = [
-            b"HTTP/1.1 " if client_version == "1.1" else b"HTTP/1.0 ",
-            b"%d " % status,
-            self.reason or http1.REASONS.get(status, b""),
-            b"\r\n",
-            *lines,
-            b"Via: ",
-            self.via,
-            b"1.1 mesh\r\n" if self.parser.get_http_version() == "1.1" else b"1.0 mesh\r\n",
-        ]
-        if status == 101:
-            head += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade_value, b"\r\n")
-        else:
-            if cl is not None:
-                head += (b"Content-Length: ", b"%d" % cl, b"\r\n")
-            elif chunked_out:
-                head.append(b"Transfer-Encoding: chunked\r\n")
-            if not keep:
-                head.append(b"Connection: close\r\n")
-            elif client_version == "1.0":
-                head.append(b"Connection: keep-alive\r\n")
-        head.append(b"\r\n")
         self.started = True
         self.req.status = status
-        self.out.append(b"".join(head))
-        if head_only:
-            raise _StopBody
+        self.out.append(
+            resp.client_head(client_v11=client_v11, chunked=chunked_out, keep_alive=keep)
+        )
 
     def on_body(self, data: bytes) -> None:
-        self.moved = True
         if self.discard:
             return
         out = self.out
@@ -609,12 +465,7 @@ class Upstream(asyncio.Protocol):
         else:
             self._emit(data)
 
-    on_message_complete = _complete
-
-
-_RESP_SPECIAL = http1.HOP_BY_HOP | {b"content-length", b"via"}
-_RESP_SPECIAL_LENGTHS = frozenset(map(len, _RESP_SPECIAL))
-_NO_TOKENS: frozenset[bytes] = frozenset()
+    on_response_end = _complete
 
 
 # Downstream connection

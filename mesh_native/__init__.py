@@ -1,8 +1,9 @@
 """mesh's native core: the Rust crate in ``native/``, built by maturin into ``mesh_native._core``.
 
 It holds what runs per request and per query; Python drives it and keeps the control plane.
-Today: the consistent-hash tables (Maglev, ketama ring), the key hash, and the request path's
-HTTP/1.1 reader (httparse, the framing and smuggling rules, the upstream head).
+Today: the consistent-hash tables (Maglev, ketama ring), the key hash, and HTTP/1.1 both ways:
+the request reader and the upstream head, the response reader and the client's head
+(httparse, and the framing and smuggling rules on top of it).
 """
 
 from __future__ import annotations
@@ -17,12 +18,25 @@ class BadRequest(Exception):
         self.detail = detail
 
 
+class BadResponse(Exception):
+    """A peer's response must not reach the client. ``gateway``: a well-formed head the
+    proxy will not forward (the peer failed as a gateway); otherwise the bytes are not a
+    response, or its framing is broken."""
+
+    def __init__(self, gateway: bool, detail: str) -> None:
+        super().__init__(detail)
+        self.gateway = gateway
+        self.detail = detail
+
+
 try:
     from mesh_native._core import (
         MAGLEV_DEFAULT_SIZE,
         MaglevTable,
         RequestHead,
         RequestReader,
+        ResponseHead,
+        ResponseReader,
         RingTable,
         is_prime,
         key_hash,
@@ -36,9 +50,12 @@ except ImportError as exc:  # an install without the compiled module: say so, ne
 __all__ = [
     "MAGLEV_DEFAULT_SIZE",
     "BadRequest",
+    "BadResponse",
     "MaglevTable",
     "RequestHead",
     "RequestReader",
+    "ResponseHead",
+    "ResponseReader",
     "RingTable",
     "is_prime",
     "key_hash",

@@ -4,7 +4,7 @@
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::py_http::{RequestHead, RequestReader};
+use crate::py_http::{PyResponseHead, PyResponseReader, RequestHead, RequestReader};
 use crate::table::{self, ketama::Ring, maglev::Maglev};
 
 /// A Maglev table, built once and never changed.
@@ -124,6 +124,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyRing>()?;
     m.add_class::<RequestReader>()?;
     m.add_class::<RequestHead>()?;
+    m.add_class::<PyResponseReader>()?;
+    m.add_class::<PyResponseHead>()?;
     m.add_function(wrap_pyfunction!(key_hash, m)?)?;
     m.add_function(wrap_pyfunction!(is_prime, m)?)?;
     m.add("MAGLEV_DEFAULT_SIZE", table::maglev::DEFAULT_SIZE)?;

@@ -10,6 +10,7 @@ use pyo3::{PyTraverseError, PyVisit};
 
 use crate::http::reader::{RequestStream, Sink};
 use crate::http::request::{Head, Version};
+use crate::http::response::{self, Fault, ResponseHead, ResponseStream};
 use crate::http::{rewrite, Reject};
 
 /// `mesh_native.BadRequest` (a Python class: an abi3 module cannot subclass exceptions).
@@ -129,7 +130,7 @@ impl RequestHead {
 }
 
 enum Event {
-    Head(Py<RequestHead>),
+    Head(Py<PyAny>),
     Body(Py<PyBytes>),
     End,
 }
@@ -145,7 +146,7 @@ struct Collect<'py> {
 impl Sink for Collect<'_> {
     fn head(&mut self, head: Box<Head>) {
         match RequestHead::new(self.py, head).and_then(|h| Py::new(self.py, h)) {
-            Ok(h) => self.events.push(Event::Head(h)),
+            Ok(h) => self.events.push(Event::Head(h.into_any())),
             Err(e) => self.error = Some(e),
         }
     }
@@ -173,9 +174,36 @@ pub struct RequestReader {
 }
 
 struct SinkMethods {
-    on_request: Py<PyAny>,
+    on_head: Py<PyAny>,
     on_body: Py<PyAny>,
-    on_request_end: Py<PyAny>,
+    on_end: Py<PyAny>,
+}
+
+impl SinkMethods {
+    fn of(sink: &Bound<'_, PyAny>, [head, body, end]: [&str; 3]) -> PyResult<Self> {
+        Ok(SinkMethods {
+            on_head: sink.getattr(head)?.unbind(),
+            on_body: sink.getattr(body)?.unbind(),
+            on_end: sink.getattr(end)?.unbind(),
+        })
+    }
+
+    fn clone_ref(&self, py: Python<'_>) -> Self {
+        SinkMethods {
+            on_head: self.on_head.clone_ref(py),
+            on_body: self.on_body.clone_ref(py),
+            on_end: self.on_end.clone_ref(py),
+        }
+    }
+
+    fn traverse(this: Option<&Self>, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if let Some(s) = this {
+            visit.call(&s.on_head)?;
+            visit.call(&s.on_body)?;
+            visit.call(&s.on_end)?;
+        }
+        Ok(())
+    }
 }
 
 #[pymethods]
@@ -191,21 +219,15 @@ impl RequestReader {
         }
         Ok(RequestReader {
             stream: RequestStream::new(names),
-            sink: Some(SinkMethods {
-                on_request: sink.getattr("on_request")?.unbind(),
-                on_body: sink.getattr("on_body")?.unbind(),
-                on_request_end: sink.getattr("on_request_end")?.unbind(),
-            }),
+            sink: Some(SinkMethods::of(
+                sink,
+                ["on_request", "on_body", "on_request_end"],
+            )?),
         })
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
-        if let Some(s) = &self.sink {
-            visit.call(&s.on_request)?;
-            visit.call(&s.on_body)?;
-            visit.call(&s.on_request_end)?;
-        }
-        Ok(())
+        SinkMethods::traverse(self.sink.as_ref(), &visit)
     }
 
     fn __clear__(&mut self) {
@@ -224,33 +246,196 @@ impl RequestReader {
             events: Vec::new(),
             error: None,
         };
-        let (result, methods) = {
+        // The borrow ends before the sink runs: the sink may read this reader.
+        let (result, sink) = {
             let mut this = slf.borrow_mut();
-            let r = this.stream.feed(data, &mut out);
-            let methods = this.sink.as_ref().map(|s| {
-                (
-                    s.on_request.clone_ref(py),
-                    s.on_body.clone_ref(py),
-                    s.on_request_end.clone_ref(py),
-                )
-            });
-            (r, methods)
+            (
+                this.stream.feed(data, &mut out),
+                this.sink.as_ref().map(|s| s.clone_ref(py)),
+            )
         };
-        let Some((on_request, on_body, on_end)) = methods else {
+        out.deliver(sink)?;
+        result.map_err(|r| bad_request(py, r))
+    }
+}
+
+impl Collect<'_> {
+    /// Call the sink's methods with what the feed collected, in order. What was read before
+    /// a refusal is still delivered: an earlier pipelined request is served before the bad
+    /// one is answered.
+    fn deliver(self, sink: Option<SinkMethods>) -> PyResult<()> {
+        let Some(sink) = sink else {
             return Err(PyRuntimeError::new_err("the reader's sink is gone"));
         };
-        if let Some(e) = out.error {
+        if let Some(e) = self.error {
             return Err(e);
         }
-        // What was read before a refusal is still delivered: an earlier pipelined request
-        // is served before the bad one is answered.
-        for event in out.events {
+        for event in self.events {
             match event {
-                Event::Head(h) => on_request.call1(py, (h,))?,
-                Event::Body(b) => on_body.call1(py, (b,))?,
-                Event::End => on_end.call0(py)?,
+                Event::Head(h) => sink.on_head.call1(self.py, (h,))?,
+                Event::Body(b) => sink.on_body.call1(self.py, (b,))?,
+                Event::End => sink.on_end.call0(self.py)?,
             };
         }
-        result.map_err(|r| bad_request(py, r))
+        Ok(())
+    }
+}
+
+// The response path
+
+/// `mesh_native.BadResponse`, a Python class like `BadRequest`.
+static BAD_RESPONSE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+fn bad_response(py: Python<'_>, f: Fault) -> PyErr {
+    let class = BAD_RESPONSE.get_or_try_init(py, || {
+        py.import("mesh_native")
+            .and_then(|m| m.getattr("BadResponse"))
+            .map(Bound::unbind)
+    });
+    let gateway = matches!(f, Fault::Gateway(_));
+    match class.and_then(|c| c.call1(py, (gateway, f.reason()))) {
+        Ok(exc) => PyErr::from_value(exc.into_bound(py)),
+        Err(e) => e,
+    }
+}
+
+/// A peer's response head.
+#[pyclass(frozen, module = "mesh_native", name = "ResponseHead")]
+pub struct PyResponseHead {
+    head: Box<ResponseHead>,
+    #[pyo3(get)]
+    status: u16,
+    #[pyo3(get)]
+    content_length: Option<u64>,
+    #[pyo3(get)]
+    chunked: bool,
+    /// The head declared a body (chunked, or a length above 0), whether or not one follows.
+    #[pyo3(get)]
+    declared_body: bool,
+    /// The peer keeps the connection open after this response.
+    #[pyo3(get)]
+    keep_alive: bool,
+}
+
+#[pymethods]
+impl PyResponseHead {
+    /// The head the client gets (see `client_head` in native/src/http/response.rs).
+    #[pyo3(signature = (*, client_v11, chunked, keep_alive))]
+    fn client_head<'py>(
+        &self,
+        py: Python<'py>,
+        client_v11: bool,
+        chunked: bool,
+        keep_alive: bool,
+    ) -> Bound<'py, PyBytes> {
+        PyBytes::new(
+            py,
+            &response::client_head(
+                &self.head,
+                response::Out {
+                    client_v11,
+                    chunked,
+                    keep_alive,
+                },
+            ),
+        )
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<ResponseHead {} {}>",
+            self.status,
+            String::from_utf8_lossy(&self.head.reason)
+        )
+    }
+}
+
+impl response::Sink for Collect<'_> {
+    fn head(&mut self, head: Box<ResponseHead>) {
+        let h = PyResponseHead {
+            status: head.status,
+            content_length: head.content_length,
+            chunked: head.chunked,
+            declared_body: head.declared_body,
+            keep_alive: head.keep_alive,
+            head,
+        };
+        match Py::new(self.py, h) {
+            Ok(h) => self.events.push(Event::Head(h.into_any())),
+            Err(e) => self.error = Some(e),
+        }
+    }
+
+    fn body(&mut self, data: &[u8]) {
+        self.events
+            .push(Event::Body(PyBytes::new(self.py, data).unbind()));
+    }
+
+    fn end(&mut self) {
+        self.events.push(Event::End);
+    }
+}
+
+/// One upstream connection's response reader. `expect(head_only, upgrade)` before each
+/// exchange; `feed(data)` parses, then calls the sink's `on_response(head)`, `on_body(data)`
+/// (body data, de-chunked) and `on_response_end()`; it raises `BadResponse` for a response
+/// that must not reach the client, and returns the offset in `data` where a 101's new
+/// protocol starts.
+#[pyclass(module = "mesh_native", name = "ResponseReader")]
+pub struct PyResponseReader {
+    stream: ResponseStream,
+    sink: Option<SinkMethods>,
+}
+
+#[pymethods]
+impl PyResponseReader {
+    #[new]
+    fn new(sink: &Bound<'_, PyAny>) -> PyResult<Self> {
+        Ok(PyResponseReader {
+            stream: ResponseStream::default(),
+            sink: Some(SinkMethods::of(
+                sink,
+                ["on_response", "on_body", "on_response_end"],
+            )?),
+        })
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        SinkMethods::traverse(self.sink.as_ref(), &visit)
+    }
+
+    fn __clear__(&mut self) {
+        self.sink = None;
+    }
+
+    /// A request went out: read its response.
+    #[pyo3(signature = (*, head_only, upgrade))]
+    fn expect(&mut self, head_only: bool, upgrade: bool) {
+        self.stream.expect(head_only, upgrade);
+    }
+
+    /// Bytes came that no response explains: the connection is not to be reused.
+    #[getter]
+    fn stray(&self) -> bool {
+        self.stream.stray()
+    }
+
+    fn feed(slf: &Bound<'_, Self>, data: &[u8]) -> PyResult<Option<usize>> {
+        let py = slf.py();
+        let mut out = Collect {
+            py,
+            events: Vec::new(),
+            error: None,
+        };
+        // The borrow ends before the sink runs: the sink may read this reader.
+        let (result, sink) = {
+            let mut this = slf.borrow_mut();
+            (
+                this.stream.feed(data, &mut out),
+                this.sink.as_ref().map(|s| s.clone_ref(py)),
+            )
+        };
+        out.deliver(sink)?;
+        result.map_err(|f| bad_response(py, f))
     }
 }

@@ -25,7 +25,32 @@ from __future__ import annotations
 import httptools
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
-from lb.http1 import CONNECTION_PLAIN, HOP_BY_HOP, drop_named  # shared with the response side
+# RFC 9110 §7.6.1 hop-by-hop fields, plus the de-facto ones (keep-alive, proxy-connection).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+CONNECTION_PLAIN = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+
+def drop_named(lines: list[bytes], names: frozenset[bytes]) -> list[bytes]:
+    """Remove the fields a Connection header names (RFC 9110 §7.6.1); ``lines`` come in
+    fours: name, ': ', value, CRLF."""
+    out: list[bytes] = []
+    for k in range(0, len(lines), 4):
+        if lines[k].lower() not in names:
+            out += lines[k : k + 4]
+    return out
+
 
 # Limits. Each has a reason.
 MAX_HEADER_BYTES = 64 * 1024  # the whole head; Envoy 60 KiB, nginx 4 × 8 KiB, h11 16 KiB

@@ -4,8 +4,10 @@
 //! sent upstream. Bytes in, decisions out: nothing here does I/O or knows of Python.
 
 pub mod chunked;
+pub mod fields;
 pub mod reader;
 pub mod request;
+pub mod response;
 pub mod rewrite;
 
 /// The whole request head; Envoy 60 KiB, nginx 4 × 8 KiB, h11 16 KiB.

@@ -4,11 +4,9 @@
 #![deny(clippy::indexing_slicing)]
 
 use super::chunked::Decoder;
+use super::fields::{read_head, with_held};
 use super::request::{self, Head, Parsed};
-use super::{has_bare_lf, Reject, MAX_HEADER_BYTES, MAX_REQUEST_LINE_BYTES};
-
-/// A head this short is parsed on every read; a longer one when a line may have ended.
-const EAGER_PARSE_BYTES: usize = 1024;
+use super::{Reject, MAX_HEADER_BYTES, MAX_REQUEST_LINE_BYTES};
 
 /// What the stream hands out, in order.
 pub trait Sink {
@@ -70,38 +68,14 @@ impl RequestStream {
         if let State::Failed(r) = self.state {
             return Err(r);
         }
-        let held = std::mem::take(&mut self.held);
-        let before = held.len();
-        let result = if before == 0 {
-            self.run(data, 0, sink)
-        } else {
-            let mut src = held;
-            src.extend_from_slice(data);
-            let r = self.run(&src, before, sink);
-            if let Ok((_, used)) = r {
-                src.drain(..used);
-                self.held = src; // keeps its allocation
-                return self.finish(r, before);
+        let mut held = std::mem::take(&mut self.held);
+        match with_held(&mut held, data, |src, before| self.run(src, before, sink)) {
+            Ok(at) => {
+                self.held = held;
+                Ok(at)
             }
-            r
-        };
-        if let Ok((_, used)) = result {
-            self.held
-                .extend_from_slice(data.get(used..).unwrap_or_default());
-        }
-        self.finish(result, before)
-    }
-
-    fn finish(
-        &mut self,
-        r: Result<(Option<usize>, usize), Reject>,
-        before: usize,
-    ) -> Result<Option<usize>, Reject> {
-        match r {
-            Ok((upgrade, _)) => Ok(upgrade.map(|at| at - before)),
             Err(reject) => {
                 self.state = State::Failed(reject);
-                self.held = Vec::new();
                 Err(reject)
             }
         }
@@ -135,34 +109,17 @@ impl RequestStream {
                 State::Head { line_done } => {
                     // Only bytes not seen before can end a line, or hold a bare LF.
                     let fresh_from = before.max(pos).saturating_sub(pos);
-                    let fresh = rest.get(fresh_from..).unwrap_or_default();
-                    let prev = fresh_from.checked_sub(1).and_then(|i| rest.get(i)).copied();
-                    // httparse reads the head from its start each time: it is asked again only
-                    // when a line may have ended (a CR or LF came), or while the head is short,
-                    // so that garbage is refused as it arrives and a head dripped byte by byte
-                    // costs no more than a few scans of itself.
-                    let ended = fresh.contains(&b'\n') || fresh.contains(&b'\r');
-                    let parsed = if ended || rest.len() <= EAGER_PARSE_BYTES {
-                        *line_done |= fresh.contains(&b'\n');
-                        request::parse(rest, &self.wanted)?
-                    } else {
-                        Parsed::Partial
+                    *line_done |= rest.get(fresh_from..).unwrap_or_default().contains(&b'\n');
+                    let wanted = &self.wanted;
+                    let parse = |r: &[u8]| {
+                        request::parse(r, wanted).map(|p| match p {
+                            Parsed::Complete(h, n) => Some((h, n)),
+                            Parsed::Partial => None,
+                        })
                     };
-                    // The head's own bytes, never the body's behind it.
-                    let head_end = match &parsed {
-                        Parsed::Complete(_, n) => *n,
-                        Parsed::Partial => rest.len(),
-                    };
-                    if has_bare_lf(
-                        prev,
-                        fresh
-                            .get(..head_end.saturating_sub(fresh_from))
-                            .unwrap_or_default(),
-                    ) {
-                        return Err(Reject::new(400, "bare LF in the request head"));
-                    }
-                    match parsed {
-                        Parsed::Partial => {
+                    let bare_lf = Reject::new(400, "bare LF in the request head");
+                    match read_head(rest, fresh_from, parse, bare_lf)? {
+                        None => {
                             if !*line_done && rest.len() > MAX_REQUEST_LINE_BYTES {
                                 return Err(Reject::new(414, "request line too long"));
                             }
@@ -171,7 +128,7 @@ impl RequestStream {
                             }
                             return Ok((None, pos));
                         }
-                        Parsed::Complete(head, n) => {
+                        Some((head, n)) => {
                             pos += n;
                             let upgrade = head.upgrade.is_some();
                             self.keep_alive = head.keep_alive;

@@ -7,6 +7,7 @@
 
 use std::mem::MaybeUninit;
 
+use super::fields::{tokens, Lines};
 use super::{offset_in, Reject, MAX_HEADERS, MAX_HEADER_BYTES, MAX_REQUEST_LINE_BYTES};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,14 +25,6 @@ impl Version {
     }
 }
 
-/// One field line forwarded upstream: where it lies in [`Head::lines`], and its name's end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Line {
-    pub start: usize,
-    pub name_end: usize,
-    pub end: usize,
-}
-
 /// A request head, as the proxy needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Head {
@@ -39,10 +32,8 @@ pub struct Head {
     /// The target in origin form (an absolute-form target is rewritten, RFC 9112 §3.2.2).
     pub target: Vec<u8>,
     pub version: Version,
-    /// The fields forwarded as they came (`Name: value\r\n` each), hop-by-hop and rewritten
-    /// ones left out; [`Head::spans`] says where each one lies.
-    pub lines: Vec<u8>,
-    pub spans: Vec<Line>,
+    /// The fields forwarded as they came, hop-by-hop and rewritten ones left out.
+    pub lines: Lines,
     /// `(lower-cased name, value)` of the fields the router asked for (hash keys).
     pub picked: Vec<(Vec<u8>, Vec<u8>)>,
     pub content_length: Option<u64>,
@@ -62,27 +53,6 @@ pub struct Head {
 impl Head {
     pub fn has_body(&self) -> bool {
         self.chunked || self.content_length.is_some_and(|n| n > 0)
-    }
-
-    fn push_line(&mut self, name: &[u8], value: &[u8]) {
-        let start = self.lines.len();
-        self.lines.extend_from_slice(name);
-        let name_end = self.lines.len();
-        self.lines.extend_from_slice(b": ");
-        self.lines.extend_from_slice(value);
-        self.lines.extend_from_slice(b"\r\n");
-        self.spans.push(Line {
-            start,
-            name_end,
-            end: self.lines.len(),
-        });
-    }
-
-    /// The name of a forwarded line.
-    pub fn line_name(&self, line: &Line) -> &[u8] {
-        self.lines
-            .get(line.start..line.name_end)
-            .unwrap_or_default()
     }
 
     fn has_token(&self, token: &[u8]) -> bool {
@@ -191,13 +161,6 @@ fn content_length(value: &[u8]) -> Result<u64, Reject> {
         .ok_or(Reject::new(400, "Content-Length overflow"))
 }
 
-fn tokens(value: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
-    value
-        .split(|&b| b == b',')
-        .map(|t| t.trim_ascii().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-}
-
 pub enum Parsed {
     /// More bytes are needed; the head so far breaks no rule.
     Partial,
@@ -260,8 +223,7 @@ pub fn parse(src: &[u8], wanted: &[Vec<u8>]) -> Result<Parsed, Reject> {
         method: method.to_vec(),
         target: target.to_vec(),
         version,
-        lines: Vec::with_capacity(n),
-        spans: Vec::with_capacity(req.headers.len()),
+        lines: Lines::with_capacity(n, req.headers.len()),
         picked: Vec::new(),
         content_length: None,
         chunked: false,
@@ -286,7 +248,7 @@ pub fn parse(src: &[u8], wanted: &[Vec<u8>]) -> Result<Parsed, Reject> {
                 .push((name.to_ascii_lowercase(), value.to_vec()));
         }
         match special(name) {
-            Special::Plain => head.push_line(name, value),
+            Special::Plain => head.lines.push(name, value),
             Special::Dropped => {}
             Special::Host => {
                 hosts += 1;
@@ -294,7 +256,7 @@ pub fn parse(src: &[u8], wanted: &[Vec<u8>]) -> Result<Parsed, Reject> {
                     return Err(Reject::new(400, "several Host fields")); // RFC 9112 §3.2
                 }
                 head.host = value.to_vec();
-                head.push_line(name, value);
+                head.lines.push(name, value);
             }
             Special::ContentLength => {
                 if head.content_length.is_some() {
@@ -397,9 +359,9 @@ fn absolute_form(head: &mut Head, hosts: u32) -> Result<(), Reject> {
     }
     let (authority, origin) = (authority.to_vec(), [path, query].concat());
     if hosts > 0 {
-        drop_lines(head, |name| name.eq_ignore_ascii_case(b"host"));
+        head.lines.remove(b"host");
     }
-    head.push_line(b"Host", &authority);
+    head.lines.push(b"Host", &authority);
     head.host = authority;
     head.target = origin;
     Ok(())
@@ -409,26 +371,6 @@ fn absolute_form(head: &mut Head, hosts: u32) -> Result<(), Reject> {
 /// client dress one host as another.
 fn authority_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b)
-}
-
-/// Remove the forwarded lines whose name `drop` says.
-pub(crate) fn drop_lines(head: &mut Head, drop: impl Fn(&[u8]) -> bool) {
-    let mut lines = Vec::with_capacity(head.lines.len());
-    let mut spans = Vec::with_capacity(head.spans.len());
-    for span in &head.spans {
-        if drop(head.line_name(span)) {
-            continue;
-        }
-        let start = lines.len();
-        lines.extend_from_slice(head.lines.get(span.start..span.end).unwrap_or_default());
-        spans.push(Line {
-            start,
-            name_end: start + (span.name_end - span.start),
-            end: lines.len(),
-        });
-    }
-    head.lines = lines;
-    head.spans = spans;
 }
 
 #[cfg(test)]
@@ -463,7 +405,7 @@ mod tests {
         assert!(h.chunked && h.keep_alive && h.has_body());
         assert_eq!(h.host, b"app");
         assert_eq!(h.picked, vec![(b"x-user".to_vec(), b"alice".to_vec())]);
-        assert_eq!(h.lines, b"Host: app\r\nX-User: alice\r\nX-Hop: s\r\n");
+        assert_eq!(h.lines.bytes, b"Host: app\r\nX-User: alice\r\nX-Hop: s\r\n");
         assert_eq!(h.xff, b"203.0.113.9, ");
         assert_eq!(
             h.connection,
@@ -537,7 +479,7 @@ mod tests {
             .expect("valid");
         assert_eq!(h.target, b"/p?q");
         assert_eq!(h.host, b"b.example:8080");
-        assert_eq!(h.lines, b"X: y\r\nHost: b.example:8080\r\n");
+        assert_eq!(h.lines.bytes, b"X: y\r\nHost: b.example:8080\r\n");
         let h = head(b"GET http://b?q=1 HTTP/1.0\r\n\r\n").expect("valid");
         assert_eq!(
             (h.target.as_slice(), h.host.as_slice()),

@@ -3,13 +3,12 @@
 //! `X-Forwarded-For/-Proto/-Host` and `Via` are added, Host is kept, and the body framing is
 //! declared again.
 
+use super::fields::named;
 use super::request::Head;
 
 /// This proxy's `Via` entry (RFC 9110 §7.6.3).
 pub const VIA: &[u8] = b"1.1 mesh";
 
-/// Connection tokens that name no field to remove.
-const CONNECTION_PLAIN: [&[u8]; 3] = [b"close", b"keep-alive", b"upgrade"];
 /// Fields a client's Connection header may not remove: Host is end to end and routing reads
 /// it (a `Connection: Host` would otherwise forward a request without one).
 const CONNECTION_PROTECTED: [&[u8]; 1] = [b"host"];
@@ -18,27 +17,13 @@ const CONNECTION_PROTECTED: [&[u8]; 1] = [b"host"];
 /// switch protocols; `default_host`: the Host to send when the request had none (HTTP/1.0),
 /// the upstream's address, as nginx does.
 pub fn upstream_head(head: &Head, client_ip: &[u8], upgrade: bool, default_host: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(head.lines.len() + head.target.len() + 160);
+    let mut out = Vec::with_capacity(head.lines.bytes.len() + head.target.len() + 160);
     out.extend_from_slice(&head.method);
     out.push(b' ');
     out.extend_from_slice(&head.target);
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let named: Vec<&[u8]> = head
-        .connection
-        .iter()
-        .map(Vec::as_slice)
-        .filter(|t| !CONNECTION_PLAIN.contains(t) && !CONNECTION_PROTECTED.contains(t))
-        .collect();
-    if named.is_empty() {
-        out.extend_from_slice(&head.lines);
-    } else {
-        for span in &head.spans {
-            let name = head.line_name(span);
-            if !named.iter().any(|t| name.eq_ignore_ascii_case(t)) {
-                out.extend_from_slice(head.lines.get(span.start..span.end).unwrap_or_default());
-            }
-        }
-    }
+    head.lines
+        .write_without(&mut out, &named(&head.connection, &CONNECTION_PROTECTED));
     if head.host.is_empty() {
         out.extend_from_slice(b"Host: ");
         out.extend_from_slice(default_host);
