@@ -256,11 +256,6 @@ impl ResponseStream {
         self.stray
     }
 
-    /// The body runs until the peer closes.
-    pub fn until_close(&self) -> bool {
-        matches!(self.state, State::UntilClose)
-    }
-
     /// Read `data`; returns the offset in it where a 101's new protocol starts, if one did.
     pub fn feed(&mut self, data: &[u8], sink: &mut impl Sink) -> Result<Option<usize>, Fault> {
         if let State::Failed(f) = self.state {
