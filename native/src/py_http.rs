@@ -143,10 +143,21 @@ struct Collect<'py> {
     error: Option<PyErr>,
 }
 
-impl Sink for Collect<'_> {
-    fn head(&mut self, head: Box<Head>) {
-        match RequestHead::new(self.py, head).and_then(|h| Py::new(self.py, h)) {
-            Ok(h) => self.events.push(Event::Head(h.into_any())),
+/// A head as the Python object the sink gets.
+trait ToPython: Sized {
+    fn to_python(py: Python<'_>, head: Box<Self>) -> PyResult<Py<PyAny>>;
+}
+
+impl ToPython for Head {
+    fn to_python(py: Python<'_>, head: Box<Self>) -> PyResult<Py<PyAny>> {
+        Ok(Py::new(py, RequestHead::new(py, head)?)?.into_any())
+    }
+}
+
+impl<H: ToPython> Sink<H> for Collect<'_> {
+    fn head(&mut self, head: Box<H>) {
+        match H::to_python(self.py, head) {
+            Ok(h) => self.events.push(Event::Head(h)),
             Err(e) => self.error = Some(e),
         }
     }
@@ -350,8 +361,8 @@ impl PyResponseHead {
     }
 }
 
-impl response::Sink for Collect<'_> {
-    fn head(&mut self, head: Box<ResponseHead>) {
+impl ToPython for ResponseHead {
+    fn to_python(py: Python<'_>, head: Box<Self>) -> PyResult<Py<PyAny>> {
         let h = PyResponseHead {
             status: head.status,
             content_length: head.content_length,
@@ -360,19 +371,7 @@ impl response::Sink for Collect<'_> {
             keep_alive: head.keep_alive,
             head,
         };
-        match Py::new(self.py, h) {
-            Ok(h) => self.events.push(Event::Head(h.into_any())),
-            Err(e) => self.error = Some(e),
-        }
-    }
-
-    fn body(&mut self, data: &[u8]) {
-        self.events
-            .push(Event::Body(PyBytes::new(self.py, data).unbind()));
-    }
-
-    fn end(&mut self) {
-        self.events.push(Event::End);
+        Ok(Py::new(py, h)?.into_any())
     }
 }
 

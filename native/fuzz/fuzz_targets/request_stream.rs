@@ -14,7 +14,7 @@ struct Count {
     ends: usize,
 }
 
-impl Sink for Count {
+impl Sink<Head> for Count {
     fn head(&mut self, head: Box<Head>) {
         self.heads += 1;
         let up = upstream_head(&head, b"192.0.2.1", head.upgrade.is_some(), b"up:80");

@@ -12,7 +12,7 @@ struct Count {
     ends: usize,
 }
 
-impl Sink for Count {
+impl Sink<ResponseHead> for Count {
     fn head(&mut self, head: Box<ResponseHead>) {
         self.heads += 1;
         for (client_v11, chunked, keep_alive) in [(true, true, true), (false, false, false)] {

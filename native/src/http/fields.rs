@@ -4,6 +4,13 @@
 
 use super::has_bare_lf;
 
+/// What a stream hands out, in order: heads (a request's or a response's), body data, ends.
+pub trait Sink<H> {
+    fn head(&mut self, head: Box<H>);
+    fn body(&mut self, data: &[u8]);
+    fn end(&mut self);
+}
+
 /// One field line in [`Lines`]: where it lies, and where its name ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Line {

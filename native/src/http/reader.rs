@@ -8,12 +8,7 @@ use super::fields::{read_head, with_held};
 use super::request::{self, Head, Parsed};
 use super::{Reject, MAX_HEADER_BYTES, MAX_REQUEST_LINE_BYTES};
 
-/// What the stream hands out, in order.
-pub trait Sink {
-    fn head(&mut self, head: Box<Head>);
-    fn body(&mut self, data: &[u8]);
-    fn end(&mut self);
-}
+pub use super::fields::Sink;
 
 #[derive(Debug, Clone)]
 enum State {
@@ -64,7 +59,11 @@ impl RequestStream {
 
     /// Read `data`. Returns the offset in `data` where an upgraded stream starts, if a head
     /// that asked for one ended in it; after that, nothing more is read.
-    pub fn feed(&mut self, data: &[u8], sink: &mut impl Sink) -> Result<Option<usize>, Reject> {
+    pub fn feed(
+        &mut self,
+        data: &[u8],
+        sink: &mut impl Sink<Head>,
+    ) -> Result<Option<usize>, Reject> {
         if let State::Failed(r) = self.state {
             return Err(r);
         }
@@ -87,7 +86,7 @@ impl RequestStream {
         &mut self,
         src: &[u8],
         before: usize,
-        sink: &mut impl Sink,
+        sink: &mut impl Sink<Head>,
     ) -> Result<(Option<usize>, usize), Reject> {
         let mut pos = 0;
         loop {
@@ -196,7 +195,7 @@ mod tests {
         ends: usize,
     }
 
-    impl Sink for Collect {
+    impl Sink<Head> for Collect {
         fn head(&mut self, head: Box<Head>) {
             self.heads.push(*head);
         }

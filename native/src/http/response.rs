@@ -192,12 +192,7 @@ pub fn parse(src: &[u8]) -> Result<Parsed, Fault> {
     Ok(Parsed::Complete(Box::new(head), n))
 }
 
-/// What the response stream hands out, in order.
-pub trait Sink {
-    fn head(&mut self, head: Box<ResponseHead>);
-    fn body(&mut self, data: &[u8]);
-    fn end(&mut self);
-}
+pub use super::fields::Sink;
 
 #[derive(Debug, Clone)]
 enum State {
@@ -257,7 +252,11 @@ impl ResponseStream {
     }
 
     /// Read `data`; returns the offset in it where a 101's new protocol starts, if one did.
-    pub fn feed(&mut self, data: &[u8], sink: &mut impl Sink) -> Result<Option<usize>, Fault> {
+    pub fn feed(
+        &mut self,
+        data: &[u8],
+        sink: &mut impl Sink<ResponseHead>,
+    ) -> Result<Option<usize>, Fault> {
         if let State::Failed(f) = self.state {
             return Err(f);
         }
@@ -278,7 +277,7 @@ impl ResponseStream {
         &mut self,
         src: &[u8],
         before: usize,
-        sink: &mut impl Sink,
+        sink: &mut impl Sink<ResponseHead>,
     ) -> Result<(Option<usize>, usize), Fault> {
         let mut pos = 0;
         loop {
@@ -478,7 +477,7 @@ mod tests {
         ends: usize,
     }
 
-    impl Sink for Collect {
+    impl Sink<ResponseHead> for Collect {
         fn head(&mut self, head: Box<ResponseHead>) {
             self.heads.push(*head);
         }
