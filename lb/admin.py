@@ -8,18 +8,30 @@ per worker with a ``worker`` label.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from aiohttp import web
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-from lb.cluster import LATENCY_BUCKETS, Cluster
+from lb.cluster import Cluster
 from lb.ring import hash_key
 from lb.server import Server
+from mesh_native import LATENCY_BUCKETS
 
 Gauges = Callable[[], dict[str, float]]
 # Prometheus families as plain data, so that workers can send theirs to the admin worker:
-# (name, type, help, [(sample name, labels, value), …]).
+# (name, type, help, [(sample name, labels, value), …]), as prometheus_client names them
+# (a counter's family name without ``_total``, its samples with it).
 Sample = tuple[str, dict[str, str], float]
 Family = tuple[str, str, str, list[Sample]]
 # What the other workers report: each one's families and /clusters, or None when it did
@@ -35,6 +47,7 @@ PER_WORKER = frozenset(
         "mesh_registry_snapshots",
     }
 )
+CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 # Per-endpoint figures of /clusters that add up across workers.
 SUMMED_ENDPOINT_FIELDS = (
     "active_requests",
@@ -57,6 +70,7 @@ def cluster_json(c: Cluster) -> dict:
     endpoints = []
     for i, st in enumerate(view.states):
         ep = st.endpoint
+        snap = st.counters.snapshot()
         m = det.monitors.get(ep.key)
         ejection = None
         if m is not None and m.ejected_until is not None:
@@ -78,10 +92,10 @@ def cluster_json(c: Cluster) -> dict:
                 "ejection": ejection,
                 "usable": c.usable[i] if i < len(c.usable) else False,
                 "active_requests": st.active,
-                "requests": st.requests,
-                "responses_5xx": st.responses_5xx,
-                "failures": st.failures,
-                "spills": st.spills,
+                "requests": snap["tries"],
+                "responses_5xx": snap["responses"][4],
+                "failures": snap["failures"],
+                "spills": snap["spills"],
                 # The detector's EWMA: successful responses since the last restore.
                 "latency_ewma_seconds": None
                 if m is None or m.latency_ewma is None
@@ -114,26 +128,6 @@ def cluster_json(c: Cluster) -> dict:
         "table_building": c.building,
         "endpoints": endpoints,
     }
-
-
-def _esc(v: str) -> str:
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def metrics_text(server: Server, gauges: Gauges | None = None) -> str:
-    return render_metrics(metric_families(server, gauges))
-
-
-def render_metrics(families: list[Family]) -> str:
-    """The Prometheus text exposition format."""
-    out: list[str] = []
-    for name, kind, help_, samples in families:
-        out.append(f"# HELP {name} {help_}")
-        out.append(f"# TYPE {name} {kind}")
-        for sname, labels, value in samples:
-            lab = ",".join(f'{k}="{_esc(str(v))}"' for k, v in labels.items())
-            out.append(f"{sname}{{{lab}}} {value}" if lab else f"{sname} {value}")
-    return "\n".join(out) + "\n"
 
 
 def merge_families(per_worker: list[list[Family]]) -> list[Family]:
@@ -173,135 +167,205 @@ def merge_clusters(per_worker: list[list[dict]]) -> list[dict]:
     return first
 
 
-def metric_families(server: Server, gauges: Gauges | None = None) -> list[Family]:
-    out: list[Family] = []
+class LbCollector(Collector):
+    """One worker's figures as Prometheus families (prometheus_client's custom collector).
 
-    def family(name: str, kind: str, help_: str) -> None:
-        out.append((name, kind, help_, []))
+    Every value is read when the admin port is asked: the per-try counters from the
+    native ``Counters`` snapshots, the rest from the clusters and the server."""
 
-    def sample(name: str, labels: dict[str, str], value: float) -> None:
-        out[-1][3].append((name, labels, value))
+    def __init__(self, server: Server, gauges: Gauges | None = None) -> None:
+        self.server = server
+        self.gauges = gauges
 
-    clusters = server.clusters
-    family("mesh_lb_requests_total", "counter", "Responses sent to clients, by code class.")
-    for c in clusters:
-        classes = dict(c.stats.responses)
-        for status, n in c.stats.local.items():
-            classes[f"{status // 100}xx"] = classes.get(f"{status // 100}xx", 0) + n
-        for cls, n in classes.items():
-            sample("mesh_lb_requests_total", {"cluster": c.config.name, "code_class": cls}, n)
-    family("mesh_lb_local_responses_total", "counter", "Responses the LB made itself, by status.")
-    for status, n in sorted(server.stats.local.items()):
-        sample("mesh_lb_local_responses_total", {"code": str(status)}, n)
-    family(
-        "mesh_lb_upstream_latency_seconds",
-        "histogram",
-        "Time from sending a request upstream to its first response byte.",
-    )
-    for c in clusters:
-        s = c.stats
-        cum = 0
-        for bound, n in zip(LATENCY_BUCKETS, s.latency_counts, strict=False):
-            cum += n
-            sample(
-                "mesh_lb_upstream_latency_seconds_bucket",
-                {"cluster": c.config.name, "le": repr(bound)},
-                cum,
-            )
-        sample(
-            "mesh_lb_upstream_latency_seconds_bucket",
-            {"cluster": c.config.name, "le": "+Inf"},
-            s.latency_n,
+    def collect(self) -> Iterator[Metric]:
+        server = self.server
+        clusters = server.clusters
+        snaps = [(c, c.counters.snapshot()) for c in clusters]
+        ep_snaps = [(c, st, st.counters.snapshot()) for c in clusters for st in c.view.states]
+
+        m = CounterMetricFamily(
+            "mesh_lb_requests", "Responses sent to clients, by code class.",
+            labels=("cluster", "code_class"),
+        )  # fmt: skip
+        for c, snap in snaps:
+            classes = dict(zip(CLASSES, snap["responses"], strict=True))
+            for status, n in c.stats.local.items():
+                cls = f"{status // 100}xx"
+                classes[cls] = classes.get(cls, 0) + n
+            for cls, n in classes.items():
+                m.add_metric((c.config.name, cls), n)
+        yield m
+        m = CounterMetricFamily(
+            "mesh_lb_local_responses", "Responses the LB made itself, by status.", labels=("code",)
         )
-        sample("mesh_lb_upstream_latency_seconds_sum", {"cluster": c.config.name}, s.latency_sum)
-        sample("mesh_lb_upstream_latency_seconds_count", {"cluster": c.config.name}, s.latency_n)
-    family("mesh_lb_ejections_total", "counter", "Outlier ejections, by reason.")
-    for c in clusters:
-        for reason in ("consecutive_5xx", "consecutive_gateway_failure", "latency"):
-            sample(
-                "mesh_lb_ejections_total",
-                {"cluster": c.config.name, "reason": reason},
-                c.stats.ejections.get(reason, 0),
+        for status, n in sorted(server.stats.local.items()):
+            m.add_metric((str(status),), n)
+        yield m
+        m = HistogramMetricFamily(
+            "mesh_lb_upstream_latency_seconds",
+            "Time from sending a request upstream to its first response byte.",
+            labels=("cluster",),
+        )
+        for c, snap in snaps:
+            m.add_metric((c.config.name,), _buckets(snap), snap["latency_sum"])
+        yield m
+        m = HistogramMetricFamily(
+            "mesh_lb_endpoint_upstream_latency_seconds",
+            "Time from sending a request to an endpoint to its first response byte.",
+            labels=("cluster", "endpoint"),
+        )
+        for c, st, snap in ep_snaps:
+            m.add_metric((c.config.name, st.endpoint.key), _buckets(snap), snap["latency_sum"])
+        yield m
+
+        def per_cluster(name: str, help_: str, value: Callable[[Cluster], float], gauge=False):
+            fam = (GaugeMetricFamily if gauge else CounterMetricFamily)(
+                name, help_, labels=("cluster",)
             )
-    family("mesh_lb_retries_total", "counter", "Retries on another endpoint.")
-    for c in clusters:
-        sample("mesh_lb_retries_total", {"cluster": c.config.name}, c.stats.retries)
-    family("mesh_lb_retries_denied_total", "counter", "Retries the retry budget refused.")
-    for c in clusters:
-        sample("mesh_lb_retries_denied_total", {"cluster": c.config.name}, c.stats.retries_denied)
-    family(
-        "mesh_lb_random_picks_total",
-        "counter",
-        "Hashed requests with no hash key: random endpoint.",
-    )
-    for c in clusters:
-        sample("mesh_lb_random_picks_total", {"cluster": c.config.name}, c.stats.random_picks)
-    family("mesh_lb_panic", "gauge", "1 while too few endpoints are usable (panic mode).")
-    for c in clusters:
-        sample("mesh_lb_panic", {"cluster": c.config.name}, int(c.panic))
-    family("mesh_lb_panic_picks_total", "counter", "Requests routed while in panic (fail-open).")
-    for c in clusters:
-        sample("mesh_lb_panic_picks_total", {"cluster": c.config.name}, c.stats.panic_picks)
-    family("mesh_lb_endpoints", "gauge", "Endpoints, by state.")
-    for c in clusters:
-        sample("mesh_lb_endpoints", {"cluster": c.config.name, "state": "total"}, len(c.usable))
-        sample("mesh_lb_endpoints", {"cluster": c.config.name, "state": "usable"}, sum(c.usable))
-    per_endpoint = (
-        (
-            "mesh_lb_spills_total",
-            "counter",
-            "Requests sent off their home endpoint by bounded loads.",
-            "spills",
-        ),
-        (
-            "mesh_lb_endpoint_active_requests",
-            "gauge",
-            "Requests in flight to an endpoint.",
-            "active",
-        ),
-        ("mesh_lb_endpoint_requests_total", "counter", "Tries sent to an endpoint.", "requests"),
-    )
-    for name, kind, help_, attr in per_endpoint:
-        family(name, kind, help_)
+            for c in clusters:
+                fam.add_metric((c.config.name,), value(c))
+            return fam
+
+        m = CounterMetricFamily(
+            "mesh_lb_ejections", "Outlier ejections, by reason.", labels=("cluster", "reason")
+        )
         for c in clusters:
-            for st in c.view.states:
-                labels = {"cluster": c.config.name, "endpoint": st.endpoint.key}
-                sample(name, labels, getattr(st, attr))
-    family("mesh_lb_endpoint_ejected", "gauge", "1 while an endpoint is ejected.")
-    for c in clusters:
-        for st in c.view.states:
-            labels = {"cluster": c.config.name, "endpoint": st.endpoint.key}
-            sample("mesh_lb_endpoint_ejected", labels, int(c.detector.is_ejected(st.endpoint.key)))
-    family("mesh_lb_active_connections", "gauge", "Open client connections.")
-    sample("mesh_lb_active_connections", {}, len(server.connections))
-    family("mesh_lb_client_connections", "gauge", "Open client connections (as above).")
-    sample("mesh_lb_client_connections", {}, len(server.connections))
-    family(
-        "mesh_lb_connections_refused_total",
-        "counter",
-        "Client connections closed at once: --max-connections were open.",
-    )
-    sample("mesh_lb_connections_refused_total", {}, server.stats.connections_refused)
-    family(
-        "mesh_lb_idle_connections_reaped_total",
-        "counter",
-        "Idle keep-alive client connections closed to admit a new one at --max-connections.",
-    )
-    sample("mesh_lb_idle_connections_reaped_total", {}, server.stats.idle_reaped)
-    family(
-        "mesh_lb_header_timeouts_total",
-        "counter",
-        "Client connections answered 408: the request head took longer than --header-timeout.",
-    )
-    sample("mesh_lb_header_timeouts_total", {}, server.stats.header_timeouts)
-    family("mesh_lb_connections_total", "counter", "Client connections accepted.")
-    sample("mesh_lb_connections_total", {}, server.stats.connections_total)
-    family("mesh_lb_upgrades_total", "counter", "Connections upgraded (WebSocket) and tunnelled.")
-    sample("mesh_lb_upgrades_total", {}, server.stats.upgrades)
-    for name, value in (gauges() if gauges else {}).items():
-        family(name, "gauge", name.replace("_", " "))
-        sample(name, {}, value)
+            for reason in ("consecutive_5xx", "consecutive_gateway_failure", "latency"):
+                m.add_metric((c.config.name, reason), c.stats.ejections.get(reason, 0))
+        yield m
+        yield per_cluster(
+            "mesh_lb_retries", "Retries on another endpoint.", lambda c: c.stats.retries
+        )
+        yield per_cluster(
+            "mesh_lb_retries_denied", "Retries the retry budget refused.",
+            lambda c: c.stats.retries_denied,
+        )  # fmt: skip
+        yield per_cluster(
+            "mesh_lb_random_picks", "Hashed requests with no hash key: random endpoint.",
+            lambda c: c.stats.random_picks,
+        )  # fmt: skip
+        yield per_cluster(
+            "mesh_lb_panic", "1 while too few endpoints are usable (panic mode).",
+            lambda c: int(c.panic), gauge=True,
+        )  # fmt: skip
+        yield per_cluster(
+            "mesh_lb_panic_picks", "Requests routed while in panic (fail-open).",
+            lambda c: c.stats.panic_picks,
+        )  # fmt: skip
+        m = GaugeMetricFamily(
+            "mesh_lb_endpoints", "Endpoints, by state.", labels=("cluster", "state")
+        )
+        for c in clusters:
+            m.add_metric((c.config.name, "total"), len(c.usable))
+            m.add_metric((c.config.name, "usable"), sum(c.usable))
+        yield m
+
+        def per_endpoint(name: str, help_: str, value, gauge=False):
+            fam = (GaugeMetricFamily if gauge else CounterMetricFamily)(
+                name, help_, labels=("cluster", "endpoint")
+            )
+            for c, st, snap in ep_snaps:
+                fam.add_metric((c.config.name, st.endpoint.key), value(c, st, snap))
+            return fam
+
+        for name, help_, field in (
+            ("mesh_lb_spills", "Requests sent off their home endpoint by bounded loads.", "spills"),
+            (
+                "mesh_lb_endpoint_requests",
+                "Tries sent to an endpoint (counted as they end).",
+                "tries",
+            ),
+            ("mesh_lb_endpoint_failures", "Tries that failed: no response, or a 5xx.", "failures"),
+        ):
+            yield per_endpoint(name, help_, lambda c, st, snap, field=field: snap[field])
+        yield per_endpoint(
+            "mesh_lb_endpoint_active_requests", "Requests in flight to an endpoint.",
+            lambda c, st, snap: st.active, gauge=True,
+        )  # fmt: skip
+        m = CounterMetricFamily(
+            "mesh_lb_endpoint_responses", "Responses an endpoint gave, by code class.",
+            labels=("cluster", "endpoint", "code_class"),
+        )  # fmt: skip
+        for c, st, snap in ep_snaps:
+            for cls, n in zip(CLASSES, snap["responses"], strict=True):
+                m.add_metric((c.config.name, st.endpoint.key, cls), n)
+        yield m
+        yield per_endpoint(
+            "mesh_lb_endpoint_ejected", "1 while an endpoint is ejected.",
+            lambda c, st, snap: int(c.detector.is_ejected(st.endpoint.key)), gauge=True,
+        )  # fmt: skip
+
+        def single(name: str, help_: str, value: float, gauge=False):
+            if gauge:
+                return GaugeMetricFamily(name, help_, value=value)
+            return CounterMetricFamily(name, help_, value=value)
+
+        stats = server.stats
+        yield single(
+            "mesh_lb_active_connections", "Open client connections.", len(server.connections), True
+        )
+        yield single(
+            "mesh_lb_client_connections", "Open client connections (as above).",
+            len(server.connections), True,
+        )  # fmt: skip
+        yield single(
+            "mesh_lb_connections_refused",
+            "Client connections closed at once: --max-connections were open.",
+            stats.connections_refused,
+        )
+        yield single(
+            "mesh_lb_idle_connections_reaped",
+            "Idle keep-alive client connections closed to admit a new one at --max-connections.",
+            stats.idle_reaped,
+        )
+        yield single(
+            "mesh_lb_header_timeouts",
+            "Client connections answered 408: the request head took longer than --header-timeout.",
+            stats.header_timeouts,
+        )
+        yield single("mesh_lb_connections", "Client connections accepted.", stats.connections_total)
+        yield single(
+            "mesh_lb_upgrades", "Connections upgraded (WebSocket) and tunnelled.", stats.upgrades
+        )
+        for name, value in (self.gauges() if self.gauges else {}).items():
+            yield single(name, name.replace("_", " "), value, True)
+
+
+def _buckets(snap: dict) -> list[tuple[str, float]]:
+    """A native histogram snapshot as prometheus_client's cumulative buckets."""
+    out = []
+    cum = 0
+    for bound, n in zip((*LATENCY_BUCKETS, math.inf), snap["latency_buckets"], strict=True):
+        cum += n
+        out.append((floatToGoString(bound), cum))
     return out
+
+
+def metric_families(server: Server, gauges: Gauges | None = None) -> list[Family]:
+    """One worker's families as plain data (what a worker sends the admin worker)."""
+    return [
+        (m.name, m.type, m.documentation, [(s.name, s.labels, s.value) for s in m.samples])
+        for m in LbCollector(server, gauges).collect()
+    ]
+
+
+class _Families(Collector):
+    """Plain families (merged from every worker) as prometheus_client metrics."""
+
+    def __init__(self, families: list[Family]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        for name, kind, help_, samples in self.families:
+            m = Metric(name, help_, kind)
+            for sname, labels, value in samples:
+                m.add_sample(sname, labels, value)
+            yield m
+
+
+def render_metrics(families: list[Family]) -> str:
+    """The Prometheus text exposition format (prometheus_client's)."""
+    return generate_latest(_Families(families)).decode()
 
 
 def ring_json(c: Cluster, key: str) -> dict:
@@ -372,7 +436,11 @@ def make_app(
                     "gauge",
                     "Worker processes, by whether they answered the admin worker in time.",
                     [
-                        ("mesh_lb_workers", {"state": "reporting"}, 1 + sum(r is not None for r in got)),
+                        (
+                            "mesh_lb_workers",
+                            {"state": "reporting"},
+                            1 + sum(r is not None for r in got),
+                        ),
                         ("mesh_lb_workers", {"state": "silent"}, sum(r is None for r in got)),
                     ],
                 )

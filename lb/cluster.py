@@ -11,7 +11,6 @@ import asyncio
 import logging
 import random
 import time
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,11 +22,9 @@ from lb.hashing import HashSource
 from lb.health import HealthChecker, HealthConfig
 from lb.outlier import Detector, Event, Outcome, OutlierConfig
 from lb.retry import RetryBudget
+from mesh_native import Counters
 
 log = logging.getLogger(__name__)
-
-# Upstream latency histogram buckets (seconds), Prometheus-style upper bounds.
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,28 +48,25 @@ class ClusterConfig:
 
 
 class EndpointState:
-    """Mutable per-endpoint state: counters and the idle pool. Survives set swaps."""
+    """Mutable per-endpoint state: counters and the idle pool. Survives set swaps.
+
+    ``counters`` (native) count each finished try here and in the cluster's counters at
+    once; ``active`` stays a Python int, since the pickers read it per request."""
 
     __slots__ = (
         "endpoint",
         "active",
-        "requests",
-        "responses_5xx",
-        "failures",
-        "spills",
+        "counters",
         "idle",
         "connections",
         "host_header",
         "removed",
     )
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint, cluster_counters: Counters | None = None) -> None:
         self.endpoint = endpoint
         self.active = 0
-        self.requests = 0
-        self.responses_5xx = 0
-        self.failures = 0
-        self.spills = 0
+        self.counters = Counters(cluster_counters)
         self.idle: deque = deque()  # (conn, idle_since) most recent on the right
         self.connections = 0
         self.host_header = endpoint.key.encode()  # Host for requests that came without one
@@ -105,10 +99,7 @@ class EndpointState:
             self.idle.pop()[0].close()
 
     def __repr__(self) -> str:
-        return (
-            f"<EndpointState {self.endpoint.key} active={self.active} requests={self.requests}"
-            f" idle={len(self.idle)}>"
-        )
+        return f"<EndpointState {self.endpoint.key} active={self.active} idle={len(self.idle)}>"
 
 
 class View:
@@ -123,24 +114,16 @@ class View:
 
 
 class Stats:
-    """Cluster counters, read by /metrics."""
+    """Cluster counters of what happens off the per-try path, read by /metrics. What every
+    try counts (responses, latency) is the cluster's native ``counters``."""
 
     def __init__(self) -> None:
-        self.responses = {"1xx": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0}
         self.local = {}  # status -> count of responses the LB made itself
         self.retries = 0
         self.retries_denied = 0
         self.random_picks = 0
         self.ejections = {}  # reason -> count
         self.panic_picks = 0
-        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.latency_sum = 0.0
-        self.latency_n = 0
-
-    def observe(self, seconds: float) -> None:
-        self.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.latency_sum += seconds
-        self.latency_n += 1
 
 
 class Cluster:
@@ -151,6 +134,7 @@ class Cluster:
         self.health = HealthChecker(config.health, rng=rng) if config.health.path else None
         self.budget = RetryBudget(config.retry_budget_percent)
         self.stats = Stats()
+        self.counters = Counters()  # every endpoint's tries, whatever set it was in
         self.view = View(EndpointSet(), None, [])
         self.usable: list[bool] = []
         self.panic = False
@@ -234,7 +218,7 @@ class Cluster:
         for ep in endpoints:
             st = old.get(ep.key)
             if st is None:
-                st = EndpointState(ep)
+                st = EndpointState(ep, self.counters)
             st.endpoint = ep
             states[ep.key] = st
         for key, st in old.items():
@@ -306,7 +290,7 @@ class Cluster:
         if not pick.order:
             return None
         if pick.spilled:
-            view.states[pick.order[0]].spills += 1
+            view.states[pick.order[0]].counters.spill()
         return view, pick
 
     def home(self, key_hash: int) -> int:

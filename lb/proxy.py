@@ -19,22 +19,17 @@ import asyncio
 import logging
 import socket
 import time
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from lb import http1
 from lb.balancer import Pick
-from lb.cluster import LATENCY_BUCKETS
+from lb.cluster import Cluster, EndpointState
 from lb.hashing import extract
 from lb.outlier import Outcome
 from lb.retry import RETRY_STATUSES, should_retry
 from lb.ring import hash_key
-
-if TYPE_CHECKING:
-    from lb.cluster import Cluster, EndpointState
-    from lb.server import Server
+from lb.server import Server
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mesh.lb.access")
@@ -814,7 +809,6 @@ class Downstream(asyncio.Protocol):
         x.up = up
         x.t0 = now
         state.active += 1
-        state.requests += 1
         self.upstream = up
         self._x = x
         if server.access_log:
@@ -874,6 +868,7 @@ class Downstream(asyncio.Protocol):
             if not req.ended and req.head.upgrade is None and not self.upstream_full:
                 # The body stopped arriving while the peer was ready to read it: the
                 # client was slow, not the peer (nginx client_body_timeout → 408).
+                state.counters.record(0, 0.0, False, False)
                 return Outcome.CLIENT_TIMEOUT
         elif up.reusable and up.done is None and not up.upgraded:
             if self.writing_paused and up.transport is not None:
@@ -963,7 +958,6 @@ class Downstream(asyncio.Protocol):
             try:
                 up = await self._connect(state, cfg.connect_timeout, x.deadline - t0)
             except (TimeoutError, OSError):
-                state.requests += 1
                 return self._record(x.cluster, state, Outcome.CONNECT_FAILED, t0)
             finally:
                 state.active -= 1
@@ -987,7 +981,6 @@ class Downstream(asyncio.Protocol):
         x.up = up
         x.t0 = now
         state.active += 1
-        state.requests += 1
         self.upstream = up
         if self.server.access_log:
             x.req.endpoint = state.endpoint.key
@@ -1055,24 +1048,21 @@ class Downstream(asyncio.Protocol):
         up: Upstream | None = None,
         now: float = 0.0,
     ) -> Outcome:
+        """Count a finished try (natively, one call) and tell the outlier detector."""
         if not now:
             now = time.monotonic()
-        latency = None
         status = up.status if up is not None else 0
-        if status:
-            stats = cluster.stats
-            latency = (up.first_byte or now) - t0
-            stats.latency_counts[bisect_left(LATENCY_BUCKETS, latency)] += 1  # stats.observe
-            stats.latency_sum += latency
-            stats.latency_n += 1
-            if up.started:
-                stats.responses[_CLASS[status // 100]] += 1
-            if status >= 500:
-                state.responses_5xx += 1
-        if outcome is not Outcome.OK:
-            if self.closed and outcome is Outcome.RESET:
-                return outcome  # the client left and we cut the upstream: not its fault
-            state.failures += 1
+        latency = (up.first_byte or now) - t0 if status else None
+        # The client left and we cut the upstream: a reset that is not the endpoint's fault.
+        ours = self.closed and outcome is Outcome.RESET
+        state.counters.record(
+            status,
+            latency or 0.0,
+            status != 0 and up.started,
+            outcome is not Outcome.OK and not ours,
+        )
+        if ours:
+            return outcome
         events = cluster.detector.record(state.endpoint.key, outcome, now, latency)
         if events:
             cluster.apply(events)
@@ -1149,4 +1139,3 @@ class _Exchange:
 
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}

@@ -1,4 +1,8 @@
-"""The LB process: listeners, routes to clusters, background upkeep, health checks, drain."""
+"""The LB process: listeners, routes to clusters, background upkeep, health checks, drain.
+
+The server knows its connections only as what its protocol factory makes (lb.proxy's
+Downstream in mesh): it routes, counts, sweeps and drains them, and never imports the
+data path, which imports it."""
 
 from __future__ import annotations
 
@@ -6,12 +10,12 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from lb import http1
 from lb.cluster import Cluster
-from lb.proxy import Downstream
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,7 @@ class Server:
         self,
         routes: Sequence[Route],
         *,
+        protocol: Callable[[Server], asyncio.Protocol],
         idle_timeout: float = 60.0,
         header_timeout: float = HEADER_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
@@ -81,6 +86,7 @@ class Server:
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
+        self.protocol = protocol  # makes one client connection's protocol
         # Most specific first: a host before any host, a longer prefix before a shorter.
         self.routes = sorted(routes, key=lambda r: (not r.host, -len(r.prefix)))
         self.clusters = list(dict.fromkeys(r.cluster for r in routes))
@@ -102,7 +108,9 @@ class Server:
                 elif src.kind == "cookie":
                     wanted.add(b"cookie")
         self.wanted_headers = frozenset(wanted)
-        self.connections: set[Downstream] = set()
+        # The client connections (lb.proxy.Downstream): busy, queue, head_since, tunnel,
+        # transport, idle_since, check_deadline(), header_timeout(), close(), abort().
+        self.connections: set[Any] = set()
         self.stats = ServerStats()
         self.draining = False
         self.servers: list[asyncio.Server] = []
@@ -126,7 +134,7 @@ class Server:
     def count_local(self, status: int) -> None:
         self.stats.local[status] = self.stats.local.get(status, 0) + 1
 
-    def connection_opened(self, conn: Downstream) -> None:
+    def connection_opened(self, conn: Any) -> None:
         self.connections.add(conn)
         self.stats.connections_total += 1
         self._empty.clear()
@@ -156,7 +164,7 @@ class Server:
         oldest.close()
         return True
 
-    def connection_finished(self, conn: Downstream) -> None:
+    def connection_finished(self, conn: Any) -> None:
         self.connections.discard(conn)
         if not self.connections:
             self._empty.set()
@@ -165,7 +173,7 @@ class Server:
 
     async def listen(self, sock: socket.socket) -> tuple[str, int]:
         """Serve on a bound socket; returns the real address (port 0 resolved)."""
-        srv = await self.loop.create_server(lambda: Downstream(self), sock=sock, backlog=1024)
+        srv = await self.loop.create_server(lambda: self.protocol(self), sock=sock, backlog=1024)
         self.servers.append(srv)
         return sock.getsockname()[:2]
 

@@ -24,6 +24,7 @@ from lb.endpoints import EndpointSet, parse_endpoint
 from lb.hashing import HashSource
 from lb.health import HealthConfig
 from lb.outlier import OutlierConfig
+from lb.proxy import Downstream
 from lb.ring import MAGLEV_TABLE_SIZE, is_prime
 from lb.server import HEADER_TIMEOUT, MAX_CONNECTIONS, Route, Server, bind
 from mesh.cli import Command
@@ -328,6 +329,7 @@ async def _main(
             await cluster.set_endpoints(eps)
     server = Server(
         routes,
+        protocol=Downstream,
         idle_timeout=values["idle_timeout"],
         header_timeout=values["header_timeout"],
         max_connections=values["max_connections"],

@@ -3,7 +3,8 @@
 It holds what runs per request and per query; Python drives it and keeps the control plane.
 Today: the consistent-hash tables (Maglev, ketama ring), the key hash, and HTTP/1.1 both ways:
 the request reader and the upstream head, the response reader and the client's head
-(httparse, and the framing and smuggling rules on top of it).
+(httparse, and the framing and smuggling rules on top of it), and the per-endpoint and
+per-cluster counters and latency histograms the admin port reads.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ class BadResponse(Exception):
 
 try:
     from mesh_native._core import (
+        LATENCY_BUCKETS,
         MAGLEV_DEFAULT_SIZE,
+        Counters,
         MaglevTable,
         RequestHead,
         RequestReader,
@@ -48,9 +51,11 @@ except ImportError as exc:  # an install without the compiled module: say so, ne
     ) from exc
 
 __all__ = [
+    "LATENCY_BUCKETS",
     "MAGLEV_DEFAULT_SIZE",
     "BadRequest",
     "BadResponse",
+    "Counters",
     "MaglevTable",
     "RequestHead",
     "RequestReader",

@@ -1,4 +1,6 @@
-"""Types of the extension module built from native/src/py.rs."""
+"""Types of the extension module built from native/src/py*.rs."""
+
+from typing import Any
 
 MAGLEV_DEFAULT_SIZE: int
 
@@ -72,3 +74,13 @@ class ResponseReader:
     @property
     def stray(self) -> bool: ...
     def feed(self, data: bytes) -> int | None: ...
+
+LATENCY_BUCKETS: list[float]
+
+class Counters:
+    """An endpoint's or a cluster's counters; an endpoint's count into ``parent`` too."""
+
+    def __new__(cls, parent: Counters | None = None) -> Counters: ...
+    def record(self, status: int, latency: float, forwarded: bool, failed: bool) -> None: ...
+    def spill(self) -> None: ...
+    def snapshot(self) -> dict[str, Any]: ...

@@ -129,5 +129,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(key_hash, m)?)?;
     m.add_function(wrap_pyfunction!(is_prime, m)?)?;
     m.add("MAGLEV_DEFAULT_SIZE", table::maglev::DEFAULT_SIZE)?;
+    crate::py_stats::register(m)?;
     Ok(())
 }

@@ -135,7 +135,7 @@ async def test_response_head_over_the_limits_is_a_502(prefix, filler):
                 await closed.wait()
             w.close()
             [state] = lb.cluster.view.states
-            assert status == 502 and state.failures == 1
+            assert status == 502 and state.counters.snapshot()["failures"] == 1
             m = lb.cluster.detector.monitors[ep.key]
             assert m.consecutive_gateway == 1
     finally:
@@ -170,7 +170,7 @@ async def test_slow_request_body_is_a_408_and_does_not_eject_the_endpoint():
             w.close()
         assert answers == [b"HTTP/1.1 408"] * 3
         assert not any(lb.cluster.detector.is_ejected(b.key) for b in bs)
-        assert sum(s.failures for s in lb.cluster.view.states) == 0
+        assert sum(s.counters.snapshot()["failures"] for s in lb.cluster.view.states) == 0
         assert lb.server.stats.local.get(408) == 3
         # The endpoint still serves a whole request.
         r, w = await asyncio.open_connection("127.0.0.1", lb.port)

@@ -143,6 +143,22 @@ async def test_metrics_parse_and_clusters_schema():
         assert bad["ejected"] and bad["ejection"]["reason"] == "consecutive_5xx"
         assert bad["responses_5xx"] == 5
         assert c["table"]["size"] == 65537
+        # Each endpoint's counters and latency histogram (kept natively) agree with /clusters
+        # and add up to the cluster's: 31 requests, every one answered by one endpoint.
+        total = 0
+        for ep in c["endpoints"]:
+            labels = (("cluster", "static"), ("endpoint", ep["address"]))
+            tries = samples[("mesh_lb_endpoint_requests_total", labels)]
+            assert tries == ep["requests"] > 0
+            assert samples[("mesh_lb_endpoint_upstream_latency_seconds_count", labels)] == tries
+            inf = (*labels[:1], labels[1], ("le", "+Inf"))
+            assert samples[("mesh_lb_endpoint_upstream_latency_seconds_bucket", inf)] == tries
+            assert samples[("mesh_lb_endpoint_failures_total", labels)] == ep["failures"]
+            total += tries
+        assert total == 31
+        assert samples[("mesh_lb_upstream_latency_seconds_count", (("cluster", "static"),))] == 31
+        served = sum(v for (name, labels), v in samples.items() if name == "mesh_lb_requests_total")
+        assert served == 31
 
 
 async def test_sigterm_drain_loses_no_in_flight_request():

@@ -21,6 +21,7 @@ from lb.cluster import Cluster, ClusterConfig
 from lb.endpoints import Endpoint, EndpointSet
 from lb.hashing import HashSource
 from lb.outlier import OutlierConfig
+from lb.proxy import Downstream
 from lb.server import Route, Server, bind
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -201,7 +202,7 @@ async def lb_in_process(
     cluster = Cluster(config)
     eps = [b if isinstance(b, Endpoint) else b.endpoint for b in bs]
     await cluster.set_endpoints(EndpointSet.of(eps))
-    server = Server([Route(cluster)], idle_timeout=idle_timeout, **limits)
+    server = Server([Route(cluster)], protocol=Downstream, idle_timeout=idle_timeout, **limits)
     host, port = await server.listen(bind("127.0.0.1", 0))
     server.start()
     try:
