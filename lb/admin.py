@@ -47,7 +47,11 @@ PER_WORKER = frozenset(
         "mesh_registry_snapshots",
     }
 )
-CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")  # the order of a native snapshot's responses
+GAUGE_HELP = {
+    "mesh_lb_active_connections": "Open client connections.",
+    "mesh_lb_client_connections": "Open client connections (as above).",
+}
 # Per-endpoint figures of /clusters that add up across workers.
 SUMMED_ENDPOINT_FIELDS = (
     "active_requests",
@@ -218,14 +222,6 @@ class LbCollector(Collector):
             m.add_metric((c.config.name, st.endpoint.key), _buckets(snap), snap["latency_sum"])
         yield m
 
-        def per_cluster(name: str, help_: str, value: Callable[[Cluster], float], gauge=False):
-            fam = (GaugeMetricFamily if gauge else CounterMetricFamily)(
-                name, help_, labels=("cluster",)
-            )
-            for c in clusters:
-                fam.add_metric((c.config.name,), value(c))
-            return fam
-
         m = CounterMetricFamily(
             "mesh_lb_ejections", "Outlier ejections, by reason.", labels=("cluster", "reason")
         )
@@ -233,25 +229,31 @@ class LbCollector(Collector):
             for reason in ("consecutive_5xx", "consecutive_gateway_failure", "latency"):
                 m.add_metric((c.config.name, reason), c.stats.ejections.get(reason, 0))
         yield m
-        yield per_cluster(
-            "mesh_lb_retries", "Retries on another endpoint.", lambda c: c.stats.retries
+        for name, help_, value in (
+            ("mesh_lb_upstream_requests", "Tries sent upstream (counted as they end).",
+             lambda c, snap: snap["tries"]),
+            ("mesh_lb_upstream_failures", "Tries that failed: no response, or a 5xx.",
+             lambda c, snap: snap["failures"]),
+            ("mesh_lb_retries", "Retries on another endpoint.", lambda c, snap: c.stats.retries),
+            ("mesh_lb_retries_denied", "Retries the retry budget refused.",
+             lambda c, snap: c.stats.retries_denied),
+            ("mesh_lb_random_picks", "Hashed requests with no hash key: random endpoint.",
+             lambda c, snap: c.stats.random_picks),
+            ("mesh_lb_panic_picks", "Requests routed while in panic (fail-open).",
+             lambda c, snap: c.stats.panic_picks),
+        ):  # fmt: skip
+            m = CounterMetricFamily(name, help_, labels=("cluster",))
+            for c, snap in snaps:
+                m.add_metric((c.config.name,), value(c, snap))
+            yield m
+        m = GaugeMetricFamily(
+            "mesh_lb_panic",
+            "1 while too few endpoints are usable (panic mode).",
+            labels=("cluster",),
         )
-        yield per_cluster(
-            "mesh_lb_retries_denied", "Retries the retry budget refused.",
-            lambda c: c.stats.retries_denied,
-        )  # fmt: skip
-        yield per_cluster(
-            "mesh_lb_random_picks", "Hashed requests with no hash key: random endpoint.",
-            lambda c: c.stats.random_picks,
-        )  # fmt: skip
-        yield per_cluster(
-            "mesh_lb_panic", "1 while too few endpoints are usable (panic mode).",
-            lambda c: int(c.panic), gauge=True,
-        )  # fmt: skip
-        yield per_cluster(
-            "mesh_lb_panic_picks", "Requests routed while in panic (fail-open).",
-            lambda c: c.stats.panic_picks,
-        )  # fmt: skip
+        for c in clusters:
+            m.add_metric((c.config.name,), int(c.panic))
+        yield m
         m = GaugeMetricFamily(
             "mesh_lb_endpoints", "Endpoints, by state.", labels=("cluster", "state")
         )
@@ -295,40 +297,28 @@ class LbCollector(Collector):
             lambda c, st, snap: int(c.detector.is_ejected(st.endpoint.key)), gauge=True,
         )  # fmt: skip
 
-        def single(name: str, help_: str, value: float, gauge=False):
-            if gauge:
-                return GaugeMetricFamily(name, help_, value=value)
-            return CounterMetricFamily(name, help_, value=value)
-
         stats = server.stats
-        yield single(
-            "mesh_lb_active_connections", "Open client connections.", len(server.connections), True
-        )
-        yield single(
-            "mesh_lb_client_connections", "Open client connections (as above).",
-            len(server.connections), True,
-        )  # fmt: skip
-        yield single(
-            "mesh_lb_connections_refused",
-            "Client connections closed at once: --max-connections were open.",
-            stats.connections_refused,
-        )
-        yield single(
-            "mesh_lb_idle_connections_reaped",
-            "Idle keep-alive client connections closed to admit a new one at --max-connections.",
-            stats.idle_reaped,
-        )
-        yield single(
-            "mesh_lb_header_timeouts",
-            "Client connections answered 408: the request head took longer than --header-timeout.",
-            stats.header_timeouts,
-        )
-        yield single("mesh_lb_connections", "Client connections accepted.", stats.connections_total)
-        yield single(
-            "mesh_lb_upgrades", "Connections upgraded (WebSocket) and tunnelled.", stats.upgrades
-        )
-        for name, value in (self.gauges() if self.gauges else {}).items():
-            yield single(name, name.replace("_", " "), value, True)
+        for name, help_, value in (
+            ("mesh_lb_connections_refused",
+             "Client connections closed at once: --max-connections were open.",
+             stats.connections_refused),
+            ("mesh_lb_idle_connections_reaped",
+             "Idle keep-alive client connections closed to admit a new one at --max-connections.",
+             stats.idle_reaped),
+            ("mesh_lb_header_timeouts",
+             "Client connections answered 408: the request head took longer than --header-timeout.",
+             stats.header_timeouts),
+            ("mesh_lb_connections", "Client connections accepted.", stats.connections_total),
+            ("mesh_lb_upgrades", "Connections upgraded (WebSocket) and tunnelled.", stats.upgrades),
+        ):  # fmt: skip
+            yield CounterMetricFamily(name, help_, value=value)
+        gauges = {
+            "mesh_lb_active_connections": len(server.connections),
+            "mesh_lb_client_connections": len(server.connections),
+            **(self.gauges() if self.gauges else {}),
+        }
+        for name, value in gauges.items():
+            yield GaugeMetricFamily(name, GAUGE_HELP.get(name, name.replace("_", " ")), value=value)
 
 
 def _buckets(snap: dict) -> list[tuple[str, float]]:

@@ -3,7 +3,7 @@
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::stats::{self, Try};
+use crate::stats::{self, Seen, Try};
 
 /// An endpoint's or a cluster's counters. An endpoint's are made with its cluster's as
 /// `parent`: one `record` counts the try in both.
@@ -32,9 +32,9 @@ impl Counters {
             forwarded,
             failed,
         };
-        self.inner.endpoint_try(&t);
+        self.inner.count(&t, Seen::ByEndpoint);
         if let Some(parent) = &self.parent {
-            parent.bind(py).get().inner.cluster_try(&t);
+            parent.bind(py).get().inner.count(&t, Seen::ByCluster);
         }
     }
 
@@ -56,13 +56,6 @@ impl Counters {
         d.set_item("latency_sum", s.latency_sum)?;
         d.set_item("latency_count", s.latency_count)?;
         Ok(d)
-    }
-
-    fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
-        if let Some(p) = &self.parent {
-            visit.call(p)?;
-        }
-        Ok(())
     }
 }
 

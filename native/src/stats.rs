@@ -87,25 +87,21 @@ pub struct Counters {
     latency: Histogram,
 }
 
-impl Counters {
-    /// A try, as its endpoint sees it: every response the endpoint gave counts.
-    pub fn endpoint_try(&self, t: &Try) {
-        self.tries.add(1);
-        if let Some(class) = t.class() {
-            self.responses[class].add(1);
-            self.latency.observe(t.latency);
-        }
-        if t.failed {
-            self.failures.add(1);
-        }
-    }
+/// Whose count a try goes into.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Seen {
+    /// The endpoint's: every response it gave counts.
+    ByEndpoint,
+    /// Its cluster's: only a response that reached the client counts as one (every
+    /// response's latency counts).
+    ByCluster,
+}
 
-    /// The same try, as its cluster sees it: only a response that reached the client counts
-    /// as one, while every response's latency counts.
-    pub fn cluster_try(&self, t: &Try) {
+impl Counters {
+    pub fn count(&self, t: &Try, seen: Seen) {
         self.tries.add(1);
         if let Some(class) = t.class() {
-            if t.forwarded {
+            if t.forwarded || seen == Seen::ByEndpoint {
                 self.responses[class].add(1);
             }
             self.latency.observe(t.latency);
@@ -184,8 +180,8 @@ mod tests {
             failed: true,
         };
         for t in [dropped, served, refused] {
-            ep.endpoint_try(&t);
-            cluster.cluster_try(&t);
+            ep.count(&t, Seen::ByEndpoint);
+            cluster.count(&t, Seen::ByCluster);
         }
         let e = ep.snapshot();
         assert_eq!(e.tries, 3);
@@ -197,6 +193,7 @@ mod tests {
         assert!((e.latency_sum - 0.022).abs() < 1e-12);
         let c = cluster.snapshot();
         assert_eq!(c.tries, 3);
+        assert_eq!(c.failures, 2);
         assert_eq!(c.responses, [0, 1, 0, 0, 0]);
         assert_eq!(c.latency_count, 2);
     }
@@ -204,18 +201,21 @@ mod tests {
     #[test]
     fn odd_statuses_and_times_are_counted_not_lost() {
         let c = Counters::default();
-        c.endpoint_try(&Try {
+        let odd = Try {
             status: 999,
             latency: f64::NAN,
             forwarded: true,
             failed: false,
-        });
-        c.endpoint_try(&Try {
-            status: 101,
-            latency: -1.0,
-            forwarded: true,
-            failed: false,
-        });
+        };
+        c.count(&odd, Seen::ByCluster);
+        c.count(
+            &Try {
+                status: 101,
+                latency: -1.0,
+                ..odd
+            },
+            Seen::ByCluster,
+        );
         let s = c.snapshot();
         assert_eq!(s.responses, [1, 0, 0, 0, 1]);
         assert_eq!(s.latency_buckets[0], 2);

@@ -157,6 +157,11 @@ async def test_metrics_parse_and_clusters_schema():
             total += tries
         assert total == 31
         assert samples[("mesh_lb_upstream_latency_seconds_count", (("cluster", "static"),))] == 31
+        assert samples[("mesh_lb_upstream_requests_total", (("cluster", "static"),))] == 31
+        failures = sum(ep["failures"] for ep in c["endpoints"])
+        assert (
+            samples[("mesh_lb_upstream_failures_total", (("cluster", "static"),))] == failures == 5
+        )
         served = sum(v for (name, labels), v in samples.items() if name == "mesh_lb_requests_total")
         assert served == 31
 
