@@ -40,7 +40,7 @@ from mesh.config import (
     text,
 )
 from registry.model import check_label
-from registry.store import DEFAULT_URL
+from registry.store import CHANGE_FEEDS, DEFAULT_URL
 
 log = logging.getLogger("mesh.lb")
 
@@ -96,6 +96,7 @@ OPTIONS = (
     Option("service", _service, None, "route to this registry service's healthy instances", metavar="NAME"),
     Option("endpoints", _endpoints, None, "static endpoints HOST:PORT[@WEIGHT],...", metavar="LIST"),
     Option("mongo-url", text, DEFAULT_URL, "registry MongoDB URL", metavar="URL"),
+    Option("change-feed", choice(*CHANGE_FEEDS), "auto", "how registry changes reach this process: change streams (replica set), polling the revision counter, or auto"),
     Option("policy", choice(*POLICIES), "maglev", "load-balancing policy"),
     Option("hash-on", _hash_source, (), "hash key source, repeat for a fallback chain: header:NAME, cookie:NAME, query:NAME, path, ip", repeat=True, metavar="SOURCE"),
     Option("hash-balance-factor", integer(100, 100_000), None, "bounded loads: an endpoint takes at most this percent of the average load (e.g. 125)", metavar="PERCENT"),
@@ -344,7 +345,7 @@ async def _main(
         from registry.store import RegistryStore, mask_url
 
         try:
-            store = RegistryStore.from_url(values["mongo_url"])
+            store = RegistryStore.from_url(values["mongo_url"], change_feed=values["change_feed"])
         except RegistryError as exc:
             print(f"mesh lb: error: {exc}", file=sys.stderr)
             return 2

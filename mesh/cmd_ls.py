@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+from datetime import datetime
 from typing import Any
 
 from mesh.cli import Command
@@ -48,21 +49,21 @@ def _row(inst: Instance, now: Any) -> dict[str, Any]:
     }
 
 
-async def _list(url: str, service: str | None) -> list[Instance]:
+async def _list(url: str, service: str | None) -> tuple[list[Instance], datetime]:
+    """The live instances, and the database's time they were judged at."""
     store = RegistryStore.from_url(url)
     try:
-        return await store.list(service)
+        return await store.list(service), store.now()
     finally:
         await store.close()
 
 
 def run(values: dict[str, Any], ns: argparse.Namespace) -> int:
     try:
-        instances = asyncio.run(_list(values["mongo_url"], values["service"]))
+        instances, now = asyncio.run(_list(values["mongo_url"], values["service"]))
     except RegistryError as exc:
         print(f"mesh ls: error: {exc}", file=sys.stderr)
         return 2
-    now = leases.utcnow()
     rows = [_row(i, now) for i in instances]
     if ns.json:
         for row in rows:

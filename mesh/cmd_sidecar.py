@@ -17,10 +17,19 @@ import dns.name
 
 from mesh import runtime
 from mesh.cli import Command
-from mesh.config import ConfigError, Option, format_host_port, host_port, integer, number, text
+from mesh.config import (
+    ConfigError,
+    Option,
+    choice,
+    format_host_port,
+    host_port,
+    integer,
+    number,
+    text,
+)
 from registry.errors import InvalidInstance
 from registry.model import DEFAULT_WEIGHT, MAX_WEIGHT, Instance, check_label
-from registry.store import DEFAULT_URL, RegistryStore
+from registry.store import CHANGE_FEEDS, DEFAULT_URL, RegistryStore
 from sidecar.addresses import advertise_address
 from sidecar.agent import EXIT_ABORTED, Agent, AgentConfig
 from sidecar.dns_answer import ZoneConfig
@@ -105,6 +114,7 @@ OPTIONS = (
     Option("dns-ttl", integer(0, 86400), 5, "TTL of DNS answers", metavar="S"),
     Option("upstream", _upstream, None, "resolver for names outside the domain, or none (default: the first nameserver of /etc/resolv.conf that is not this sidecar)", metavar="HOST:PORT"),
     Option("mongo-url", text, DEFAULT_URL, "registry MongoDB URL", metavar="URL"),
+    Option("change-feed", choice(*CHANGE_FEEDS), "auto", "how registry changes reach this process: change streams (replica set), polling the revision counter, or auto"),
 )  # fmt: skip
 
 
@@ -164,7 +174,7 @@ def run(values: dict[str, Any], ns: argparse.Namespace) -> int:
 async def _main(
     config: AgentConfig, zone: ZoneConfig, values: dict[str, Any], upstream: tuple[str, int] | None
 ) -> int:
-    store = RegistryStore.from_url(values["mongo_url"])
+    store = RegistryStore.from_url(values["mongo_url"], change_feed=values["change_feed"])
     server = DnsServer(zone, upstream=upstream)
     try:
         try:

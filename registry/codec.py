@@ -17,6 +17,7 @@ def instance_id(service: str, instance: str) -> str:
 
 
 def to_document(inst: Instance) -> dict[str, Any]:
+    """The instance document. Its lease is not in it: leases live in their own collection."""
     return {
         "_id": inst.id,
         "schema": SCHEMA_VERSION,
@@ -28,7 +29,6 @@ def to_document(inst: Instance) -> dict[str, Any]:
         "meta": dict(inst.meta),
         "weight": inst.weight,
         "status": inst.status,
-        "lease_expires_at": inst.lease_expires_at,
         "registered_at": inst.registered_at,
         "updated_at": inst.updated_at,
         "revision": inst.revision,
@@ -57,7 +57,6 @@ def from_document(doc: Mapping[str, Any]) -> Instance:
             meta=dict(doc.get("meta") or {}),
             weight=doc.get("weight", 100),
             status=doc.get("status", "passing"),
-            lease_expires_at=_date(doc, "lease_expires_at"),
             registered_at=_date(doc, "registered_at"),
             updated_at=_date(doc, "updated_at"),
             revision=int(doc.get("revision") or 0),

@@ -110,7 +110,7 @@ class Follower:
                         log.warning("%s: %s; serving the last known state", self._name, exc)
                         down_logged = True
                         self._held = self.snapshot
-                        self._down_since = self._store._clock()
+                        self._down_since = self._store.now()
                     self.connected = False
                 except RegistryError as exc:
                     self.failures += 1

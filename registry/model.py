@@ -97,6 +97,8 @@ class Instance:
 
     The lease and bookkeeping fields (``lease_expires_at`` onwards) are set by the store;
     an instance built by a caller to register leaves them at their defaults.
+    ``lease_expires_at`` is the lease as the store read it (it lives in its own collection,
+    and renewals move it without any reader seeing them).
     """
 
     service: str

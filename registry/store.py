@@ -1,20 +1,32 @@
 """The async registry store over pymongo's native ``AsyncMongoClient``.
 
-Liveness is decided on read: every query carries ``lease_expires_at > now``, so an instance
-whose lease ran out is gone for every reader at once. The TTL index only collects garbage
-on real MongoDB (its monitor runs about once a minute).
+Two collections hold an instance (DESIGN.md §4). ``instances`` changes only on a real
+change (register, status, deregister) and each such write takes a revision from one global
+counter (``counters/instances``, ``$inc``). ``leases`` holds ``{_id, expires_at}`` per
+instance; a renewal is one conditional replace of that small document, takes no revision,
+and no watcher reads it. An instance exists while its lease is in the future: ``list()``
+joins the two, and a watcher learns of a lapse by asking, every LAPSE_CHECK_INTERVAL,
+which leases crossed their expiry since it last asked (an indexed range that is empty
+while everything renews), so a renewal never reaches it. The TTL index on ``expires_at``
+only collects garbage, LEASES_KEPT after the lapse.
 
-Every write bumps one global counter (``counters/instances``) with ``$inc`` and stores the
-new value on the changed document. ``watch()`` uses change streams where the server has them
-(replica set or mongos) and polls that counter where it has not.
+Every lease time is on the database's clock: the store measures it from ``hello``'s
+``localTime`` and runs it forward on the monotonic clock, so a process whose own clock is
+off, or steps, writes and judges leases exactly like every other.
+
+``watch()`` uses change streams where the server has them (replica set or mongos) and polls
+the revision counter where it has not; ``change_feed`` forces either.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
+import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -37,21 +49,40 @@ log = logging.getLogger(__name__)
 DEFAULT_URL = "mongodb://127.0.0.1:27017/mesh"
 DEFAULT_DATABASE = "mesh"
 COLLECTION = "instances"
+LEASES = "leases"
 COUNTERS = "counters"
 # What deregister removed, with the revision it took: watchers read removals as they read
 # changed documents. Kept REMOVALS_KEPT seconds (a TTL index, and pruned by deregister on
 # servers without TTL); a watcher away longer reads everything when it comes back.
 REMOVALS = "removals"
 REMOVALS_KEPT = 600
+# A lease document outlives its lapse by this much before the TTL index collects it: a
+# watcher asks for lapses in the window since it last asked, so the document must still be
+# there when it does. An instance document whose lease is gone is garbage (collect_garbage).
+LEASES_KEPT = 600
 REVISION_ID = "instances"
+CHANGE_FEEDS = ("auto", "changestream", "poll")
 DEFAULT_POLL_INTERVAL = 0.1  # s; the revision counter is one small read
+STREAM_AWAIT = 1.0  # s a change stream read waits on the server for an event
+# How often a watcher asks which leases lapsed: a lapse reaches it within this plus one
+# round trip (the contract is 1.5 s).
+LAPSE_CHECK_INTERVAL = 0.5
+# A renewal extends only a lease with more than this left, so that no watcher has judged it
+# lapsed already; one closer to its end is lost, and its sidecar registers again (a real
+# change every watcher reads). Far above the error of a clock measured over a round trip.
+RENEW_MARGIN = timedelta(seconds=0.25)
+CLOCK_CHECK_INTERVAL = 60.0  # s between measurements of the database's clock
+CLOCK_SAMPLES = 4  # hellos at most per measurement
+CLOCK_GOOD_TRIP = 0.005  # s; a round trip this short ends the measurement
 MAX_SKIPPED_REMEMBERED = 10_000  # bad documents logged once each; a bound on the memory
 MAX_UPDATE_TRIES = 16  # compare-and-swap retries; one instance has one writer, its sidecar
 # A watcher reads only the documents written since its last read (by revision). A writer
 # takes its revision before its write lands, so a read goes back to the revision counter
 # as it stood WATCH_LAG seconds before the previous read: every write that had taken its
-# revision by then has landed. A full read every RESYNC_INTERVAL is the backstop for a
-# write slower than that.
+# revision by then has landed. Every RESYNC_INTERVAL the watcher compares the count and
+# the sum of the revisions of every instance document with what it has read (one small
+# aggregate), and reads everything again only if they differ: the backstop for a write
+# slower than the lag, at no cost while nothing is missed.
 WATCH_LAG = 1.0
 RESYNC_INTERVAL = 30.0
 SERVER_SELECTION_TIMEOUT_MS = 2000  # fail fast: callers keep their last snapshot and retry
@@ -67,6 +98,12 @@ def mask_url(url: str) -> str:
     return f"{scheme}://{user}:****@{hostpart}"
 
 
+def check_change_feed(value: str) -> str:
+    if value not in CHANGE_FEEDS:
+        raise ValueError(f"change feed must be one of {', '.join(CHANGE_FEEDS)}, got {value!r}")
+    return value
+
+
 class RegistryStore:
     """Register, renew, publish status, deregister, list and watch service instances."""
 
@@ -76,25 +113,35 @@ class RegistryStore:
         *,
         database: str = DEFAULT_DATABASE,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
-        clock: Callable[[], datetime] = leases.utcnow,
         url: str = "",
         watch_lag: float = WATCH_LAG,
         resync_interval: float = RESYNC_INTERVAL,
+        change_feed: str = "auto",
+        lapse_check_interval: float = LAPSE_CHECK_INTERVAL,
     ) -> None:
         self._client = client
         self._db = client[database]
         self._col = self._db[COLLECTION]
+        self._leases = self._db[LEASES]
         self._counters = self._db[COUNTERS]
         self._removals = self._db[REMOVALS]
         self.poll_interval = poll_interval
-        self._clock = clock
         self.url = url
+        self.change_feed = check_change_feed(change_feed)
         self._change_streams: bool | None = None
         self._skipped: set[tuple[str, str, str]] = set()
         self.watch_lag = watch_lag
         self.resync_interval = resync_interval
+        self.lapse_check_interval = lapse_check_interval
+        # The database's clock: its time at a monotonic instant (None: not measured yet).
+        self._db_time: datetime | None = None
+        self._db_time_at = 0.0
+        self.clock_offset = 0.0  # s the database's clock is ahead of ours, last measured
         self.watch_reads = 0  # documents read by watchers: their cost on the database
         self.watch_polls = 0  # revision counter reads by polling watchers
+        self.lapse_checks = 0  # lapse window queries by watchers
+        self.lapse_reads = 0  # lease documents those returned
+        self.full_reads = 0  # reads of every document by watchers
 
     @classmethod
     def from_url(cls, url: str = DEFAULT_URL, **kwargs: Any) -> RegistryStore:
@@ -121,65 +168,127 @@ class RegistryStore:
     # Setup
 
     async def start(self) -> None:
-        """Create indexes (idempotent) and learn whether the server has change streams."""
+        """Create indexes (idempotent), measure the database's clock, and learn whether the
+        server has change streams."""
         async with self._errors("start"):
             await self._col.create_index([("service", ASCENDING), ("status", ASCENDING)])
-            await self._col.create_index("lease_expires_at", expireAfterSeconds=0)
             await self._col.create_index("revision")
+            await self._leases.create_index("expires_at", expireAfterSeconds=LEASES_KEPT)
             await self._removals.create_index("revision")
             await self._removals.create_index("at", expireAfterSeconds=REMOVALS_KEPT)
-            hello = await self._client.admin.command("hello")
-        self._change_streams = bool(hello.get("setName")) or hello.get("msg") == "isdbgrid"
+        hello = await self._measure_clock()
+        if self.change_feed == "auto":
+            self._change_streams = bool(hello.get("setName")) or hello.get("msg") == "isdbgrid"
+        else:
+            self._change_streams = self.change_feed == "changestream"
 
     @property
     def change_streams(self) -> bool | None:
         return self._change_streams
 
+    # The clock
+
+    def now(self) -> datetime:
+        """The database's time, as last measured and run forward on the monotonic clock
+        (millisecond precision, as BSON dates keep). Before the first measurement, ours."""
+        if self._db_time is None:
+            return leases.utcnow()
+        at = self._db_time + timedelta(seconds=time.monotonic() - self._db_time_at)
+        return at.replace(microsecond=at.microsecond // 1000 * 1000)
+
+    async def _now(self) -> datetime:
+        """``now()``, measuring the database's clock first when the last look is old."""
+        if self._db_time is None or time.monotonic() - self._db_time_at > CLOCK_CHECK_INTERVAL:
+            await self._measure_clock()
+        return self.now()
+
+    async def _measure_clock(self) -> dict[str, Any]:
+        """The server's ``localTime`` taken as the time halfway through a ``hello``'s round
+        trip; of a few, the one with the shortest trip (the first also opens the connection,
+        and a slow trip is an uneven one). Servers without it leave our own clock in use."""
+        best: tuple[float, float, datetime] | None = None
+        for _ in range(CLOCK_SAMPLES):
+            async with self._errors("hello"):
+                sent = time.monotonic()
+                hello = await self._client.admin.command("hello")
+                back = time.monotonic()
+            server = _as_utc(hello.get("localTime"))
+            if server is None:
+                return hello
+            if best is None or back - sent < best[0]:
+                best = (back - sent, (sent + back) / 2, server)
+            if best[0] < CLOCK_GOOD_TRIP:
+                break
+        assert best is not None
+        _, self._db_time_at, self._db_time = best
+        ours = datetime.now(UTC) - timedelta(seconds=time.monotonic() - self._db_time_at)
+        self.clock_offset = (self._db_time - ours).total_seconds()
+        return hello
+
     # Writes
 
     async def register(self, instance: Instance, lease_ttl: float) -> Instance:
-        """Insert or replace ``instance`` with a fresh lease; keeps ``registered_at`` if live."""
-        now = self._clock()
+        """Insert or replace ``instance`` with a fresh lease; keeps ``registered_at`` if live.
+
+        The lease is written before the instance document, so a watcher that reads the
+        change finds its lease."""
+        leases.check_ttl(lease_ttl)
+        now = await self._now()
         expires = leases.expiry(now, lease_ttl)
         async with self._errors("register"):
-            revision = await self._next_revision()
             doc = to_document(instance)
-            doc.update(
-                lease_expires_at=expires, updated_at=now, revision=revision, registered_at=now
-            )
+            doc.update(updated_at=now, registered_at=now)
             # An upsert with $setOnInsert is not portable to every wire server, so keep
             # registered_at by reading the previous document first.
-            prev = await self._col.find_one(
-                {"_id": instance.id, "lease_expires_at": {"$gt": now}}, {"registered_at": 1}
-            )
-            if prev and prev.get("registered_at"):
+            prev = await self._col.find_one({"_id": instance.id}, {"registered_at": 1})
+            if prev and prev.get("registered_at") and await self._live_lease(instance.id, now):
                 doc["registered_at"] = prev["registered_at"]
+            await self._leases.replace_one(
+                {"_id": instance.id}, _lease(instance.id, expires), upsert=True
+            )
+            doc["revision"] = await self._next_revision()
             await self._col.replace_one({"_id": instance.id}, doc, upsert=True)
-        return from_document(doc)
+        return _with_lease(from_document(doc), expires)
 
     async def renew(self, instance_id: str, lease_ttl: float) -> bool:
-        """Extend a live lease. False if the instance is gone or its lease already ran out."""
-        now = self._clock()
+        """Extend a live lease: one conditional write, no read, no revision. False if the
+        lease is gone or within RENEW_MARGIN of its end (the caller registers again). The
+        embedded server compares dates to the second only, which makes the condition
+        stricter there, never looser: a lease within a second of its end may be refused."""
+        leases.check_ttl(lease_ttl)
+        now = await self._now()
         expires = leases.expiry(now, lease_ttl)
-        return await self._update(instance_id, now, "renew", lease_expires_at=expires)
+        async with self._errors("renew"):
+            result = await self._leases.replace_one(
+                {"_id": instance_id, "expires_at": {"$gt": now + RENEW_MARGIN}},
+                _lease(instance_id, expires),
+            )
+        return result.matched_count == 1
 
     async def set_status(self, instance_id: str, status: str) -> bool:
-        """Publish a health status. False if the instance is gone."""
+        """Publish a health status. False if the instance is gone or its lease ran out."""
         check_status(status)
-        return await self._update(instance_id, self._clock(), "set_status", status=status)
+        return await self._update(instance_id, "set_status", status=status)
 
-    async def _update(self, instance_id: str, now: datetime, op: str, **fields: Any) -> bool:
+    async def _live_lease(self, instance_id: str, now: datetime) -> datetime | None:
+        doc = await self._leases.find_one({"_id": instance_id})
+        expires = _as_utc(doc.get("expires_at")) if doc else None
+        return expires if leases.is_live(expires, now) else None
+
+    async def _update(self, instance_id: str, op: str, **fields: Any) -> bool:
         """Read, change, and replace only if nobody wrote in between (compare-and-swap on
         ``revision``). Whole-document replaces keep dates as BSON dates on every wire server;
         some store a ``$set`` date as a string."""
+        now = await self._now()
         async with self._errors(op):
+            if await self._live_lease(instance_id, now) is None:
+                return False
             for _ in range(MAX_UPDATE_TRIES):
-                doc = await self._col.find_one(
-                    {"_id": instance_id, "lease_expires_at": {"$gt": now}}
-                )
-                if doc is None or not leases.is_live(_as_utc(doc.get("lease_expires_at")), now):
+                doc = await self._col.find_one({"_id": instance_id})
+                if doc is None:
                     return False
                 seen = doc.get("revision")
+                doc.pop("lease_expires_at", None)  # the old layout: the lease lives apart now
                 doc.update(fields, updated_at=now, revision=await self._next_revision())
                 result = await self._col.replace_one({"_id": instance_id, "revision": seen}, doc)
                 if result.matched_count == 1:
@@ -202,21 +311,48 @@ class RegistryStore:
                     newest = max(newest, _revision_of(doc))
         return newest
 
-    async def deregister(self, instance_id: str) -> bool:
-        """Delete the instance, and record the removal for watchers (see REMOVALS)."""
-        now = self._clock()
+    async def deregister(self, instance_id: str, *, revision: int | None = None) -> bool:
+        """Delete the instance and its lease, and record the removal for watchers (see
+        REMOVALS). With ``revision``, only if the document is still at that revision."""
+        now = await self._now()
+        query: dict[str, Any] = {"_id": instance_id}
+        if revision is not None:
+            query["revision"] = revision
         async with self._errors("deregister"):
-            result = await self._col.delete_one({"_id": instance_id})
+            result = await self._col.delete_one(query)
             if result.deleted_count:
+                await self._leases.delete_one({"_id": instance_id})
                 # Taken after the delete, so the removal is newer than any write to the
                 # document, and taken only when there is a removal to land.
-                revision = await self._next_revision()
-                removal = {"_id": instance_id, "revision": revision, "at": now}
+                taken = await self._next_revision()
+                removal = {"_id": instance_id, "revision": taken, "at": now}
                 await self._removals.replace_one({"_id": instance_id}, removal, upsert=True)
                 # The TTL index does this on MongoDB; not every wire server runs one.
                 cutoff = now - timedelta(seconds=REMOVALS_KEPT)
                 await self._removals.delete_many({"at": {"$lt": cutoff}})
         return result.deleted_count == 1
+
+    async def collect_garbage(self, docs: Iterable[dict[str, Any]]) -> int:
+        """Remove the instance documents among ``docs`` whose lease document is gone (it
+        lapsed more than LEASES_KEPT ago and the TTL index took it), each only if still at
+        the revision read; a removal watchers read like a deregistration. Returns how many."""
+        now = self.now()
+        cutoff = now - timedelta(seconds=LEASES_KEPT)
+        old = {
+            str(d["_id"]): _revision_of(d)
+            for d in docs
+            if "lease_expires_at" not in d  # the old layout is skipped, never removed
+            and isinstance(d.get("updated_at"), datetime)
+            and _as_utc(d["updated_at"]) < cutoff
+        }
+        if not old:
+            return 0
+        async with self._errors("collect garbage"):
+            held = await self._leases.find({"_id": {"$in": list(old)}}, {"_id": 1}).to_list(None)
+        removed = 0
+        for key in old.keys() - {str(d["_id"]) for d in held}:
+            removed += await self.deregister(key, revision=old[key])
+        return removed
 
     async def _next_revision(self) -> int:
         doc = await self._counters.find_one_and_update(
@@ -236,23 +372,51 @@ class RegistryStore:
 
     async def list(self, service: str | None = None, healthy_only: bool = False) -> list[Instance]:
         """Live instances, sorted by id; optionally one service and only ``passing`` ones."""
-        now = self._clock()
-        query: dict[str, Any] = {"lease_expires_at": {"$gt": now}}
+        query: dict[str, Any] = {}
         if service is not None:
             query["service"] = service
         if healthy_only:
             query["status"] = "passing"
+        now = await self._now()
         async with self._errors("list"):
             docs = await self._col.find(query).to_list(None)
-        # The server compared with our clock already; check again so that a slow answer
-        # never resurrects a lease that ran out while it was in flight.
-        now = self._clock()
-        out = [
-            inst
-            for inst in map(self._decode, docs)
-            if inst is not None and leases.is_live(inst.lease_expires_at, now)
-        ]
+            held = await self._leases_of([d.get("_id") for d in docs], now)
+        out = self._live(docs, held, self.now())
         out.sort(key=lambda i: i.id)
+        return out
+
+    async def _leases_of(self, ids: list[Any], now: datetime) -> dict[str, datetime]:
+        """The live leases of ``ids``: id → expiry. Compared here, not on the server: the
+        embedded server compares dates to the second only."""
+        if not ids:
+            return {}
+        docs = await self._leases.find({"_id": {"$in": ids}}).to_list(None)
+        out = {}
+        for doc in docs:
+            expires = _as_utc(doc.get("expires_at"))
+            if leases.is_live(expires, now):
+                out[str(doc["_id"])] = expires
+        return out
+
+    def _live(
+        self, docs: Iterable[dict[str, Any]], held: dict[str, datetime], now: datetime
+    ) -> list[Instance]:
+        """The instances among ``docs`` that decode and hold a lease in the future at ``now``
+        (checked again here, so a slow answer never resurrects a lease that ran out while it
+        was in flight)."""
+        out = []
+        for doc in docs:
+            expires = held.get(str(doc.get("_id")))
+            if expires is None:
+                if "lease_expires_at" in doc:
+                    self._skip(doc, InvalidDocument(
+                        f"{doc.get('_id')!r}: carries its lease (the old layout) and has none"
+                        f" in {LEASES!r}; its sidecar must be upgraded"
+                    ))  # fmt: skip
+                continue
+            inst = self._decode(doc)
+            if inst is not None and leases.is_live(expires, now):
+                out.append(_with_lease(inst, expires))
         return out
 
     def _decode(self, doc: dict[str, Any]) -> Instance | None:
@@ -281,8 +445,8 @@ class RegistryStore:
     async def watch(self) -> AsyncIterator[Snapshot]:
         """Yield a full snapshot now and again whenever what readers see changes.
 
-        A lease running out produces a snapshot with no write at all: the watcher sleeps
-        until the earliest lease in its current view and reads again then.
+        A lease running out produces a snapshot with no write to any instance: the watcher
+        asks for lapses every ``lapse_check_interval``.
         Raises RegistryUnavailable when the database goes away; callers keep their last
         snapshot and call ``watch()`` again after a backoff.
         """
@@ -302,35 +466,61 @@ class RegistryStore:
             revision = await self.revision()
             self.watch_polls += 1
             view.observed(revision, loop.time())
-            if view.due(revision, loop.time()):
-                snap = await view.read(revision)
-                if snap is not None:
-                    yield snap
+            for snap in await view.turn(revision if view.due(revision, loop.time()) else None):
+                yield snap
             await asyncio.sleep(min(self.poll_interval, view.wait(loop.time())))
 
     async def _watch_change_stream(self) -> AsyncIterator[Snapshot]:
-        # Each event means "read what changed"; events arriving together are coalesced.
+        # Each event means only "something changed": read what changed by revision. The
+        # embedded server's events carry its own ids, so nothing else in them is used. The
+        # stream is followed by a task of its own, never cancelled mid-read (a cancelled
+        # read can lose the events it fetched); events that come together wake one read.
         view = _WatchView(self)
         loop = asyncio.get_running_loop()
         async with self._errors("watch"):
-            stream = await self._col.watch()
+            stream = await self._col.watch(max_await_time_ms=int(STREAM_AWAIT * 1000))
+        woken = asyncio.Event()
+
+        async def follow() -> None:
+            # A server waits up to max_await_time_ms for an event before it answers empty;
+            # one that answers empty at once (the embedded server) is asked again after the
+            # poll interval, not in a loop.
+            try:
+                async with self._errors("watch"):
+                    while True:
+                        asked = loop.time()
+                        if await stream.try_next() is not None:
+                            woken.set()
+                        elif loop.time() - asked < STREAM_AWAIT / 2:
+                            await asyncio.sleep(self.poll_interval)
+            finally:
+                woken.set()  # an error wakes the reader, which raises it
+
+        follower = asyncio.create_task(follow(), name="registry change stream")
+        woken.set()  # the first read
         try:
             while True:
-                revision = await self.revision()
-                view.observed(revision, loop.time())
-                snap = await view.read(revision)
-                if snap is not None:
+                if follower.done():
+                    follower.result()
+                    raise RegistryUnavailable("registry change stream ended")
+                revision = None
+                if woken.is_set() or view.due_without_event(loop.time()):
+                    woken.clear()
+                    revision = await self.revision()
+                    view.observed(revision, loop.time())
+                for snap in await view.turn(revision):
                     yield snap
-                try:
-                    # Also wake when a lease runs out, and after the lag, so that a write
-                    # whose event came before its document is read again.
-                    async with asyncio.timeout(view.wait(loop.time())), self._errors("watch"):
-                        await stream.next()
-                        while await stream.try_next() is not None:
-                            pass
-                except TimeoutError:
-                    pass
+                # Also wake to ask for lapses, and after the lag, so that a write whose
+                # event came before its document is read again.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(view.wait(loop.time())):
+                        await woken.wait()
         finally:
+            for _ in range(20):  # pymongo can swallow a cancel mid-read; ask again
+                follower.cancel()
+                done, _ = await asyncio.wait([follower], timeout=0.1)
+                if done:
+                    break
             await stream.close()
 
     # Errors
@@ -386,18 +576,23 @@ class _WatchView:
 
     A read fetches only the documents and removals whose revision is above ``low``, the
     counter as it stood WATCH_LAG before the previous read began (see WATCH_LAG), and
-    applies them in revision order. The first read, and one every RESYNC_INTERVAL, read
-    everything.
+    applies them in revision order, with the leases of those documents alone. The first
+    read reads everything; so does a resync whose comparison finds something missed.
+
+    Lapses: ``check_lapses`` asks which leases crossed their expiry in the window from the
+    last look to now, on the database's clock. Each window starts where the last ended, so
+    every lapse is seen once; an instance enters the view only with a lease beyond the
+    window already looked at.
     """
 
     def __init__(self, store: RegistryStore) -> None:
         self._store = store
         self._loop = asyncio.get_running_loop()
         self.instances: dict[str, Instance] = {}
+        self._revisions: dict[str, int] = {}  # every instance document read: id → revision
         self.low: int | None = None  # None: the next read is a full one
         self._history: deque[tuple[float, int]] = deque()  # (loop time, counter) seen
         self._read_revision = -1
-        self._next_expiry = float("inf")  # loop time of the earliest lease to run out
         self._resync_at = 0.0
         self._catch_up_at = 0.0  # when writes taken before the last read have all landed
         self._landed = 0  # the newest revision read (0: none; writes start at 1)
@@ -405,6 +600,8 @@ class _WatchView:
         self._missing_since: float | None = None
         self._missing_revision = 0
         self._last: Snapshot | None = None
+        self._lapses_until: datetime | None = None  # database time lapses were asked up to
+        self.lapse_check_at = float("inf")  # loop time of the next lapse check
 
     def observed(self, revision: int, now: float) -> None:
         history = self._history
@@ -412,13 +609,15 @@ class _WatchView:
             history.append((now, revision))
 
     def due(self, revision: int, now: float) -> bool:
-        """Whether a read is needed now (polling): a write, a lease running out, a
-        resync, or the lag after the last read is over while writes it saw taken may
-        have landed after it (one read more, not one per poll)."""
+        """Whether a read is needed now (polling): a write, or see ``due_without_event``."""
+        return revision != self._read_revision or self.due_without_event(now)
+
+    def due_without_event(self, now: float) -> bool:
+        """A resync, or the lag after the last read is over while writes it saw taken may
+        have landed after it (one read more, not one per poll), or a write seen taken and
+        not landed yet."""
         return (
-            revision != self._read_revision
-            or now >= self._next_expiry
-            or now >= self._resync_at
+            now >= self._resync_at
             or (self._behind() and now >= self._catch_up_at)
             or self._awaiting(now)
         )
@@ -429,52 +628,43 @@ class _WatchView:
         return self._missing_since is not None and now < self._missing_since + self._store.watch_lag
 
     def _behind(self) -> bool:
-        """Revisions the last read saw taken may have landed after it."""
-        return self.low is not None and self.low < self._read_revision
+        """Revisions the last read saw taken may have landed after it (or the counter's
+        history is too young to say: a full read that early is followed by one more)."""
+        return self.low is None or self.low < self._read_revision
 
     def wait(self, now: float) -> float:
-        """Seconds until a read is due with no new write."""
-        until = min(self._next_expiry, self._resync_at)
+        """Seconds until a read or a lapse check is due with no new write."""
+        until = min(self._resync_at, self.lapse_check_at)
         if self._behind():
             until = min(until, self._catch_up_at)
         if self._awaiting(now):
             until = min(until, now + self._store.poll_interval)  # read again at the next poll
         return max(0.0, until - now)
 
+    async def turn(self, revision: int | None) -> list[Snapshot]:
+        """Read at ``revision`` (None: no read is due), then ask for lapses if that is due:
+        the snapshots to show, in order."""
+        out = [await self.read(revision)] if revision is not None else []
+        if self._loop.time() >= self.lapse_check_at:
+            out.append(await self.check_lapses())
+        return [snap for snap in out if snap is not None]
+
     async def read(self, revision: int) -> Snapshot | None:
         """Read what changed; the new snapshot, or None when readers would see no change."""
         store = self._store
         began = self._loop.time()
-        if self.low is None or began >= self._resync_at:
-            insts = await store.list()
-            store.watch_reads += len(insts)
-            self.instances = {i.id: i for i in insts}
-            self._resync_at = began + store.resync_interval
-            # What landed also counts removals and leases that ran out, which list() skips.
-            landed = max(max((i.revision for i in insts), default=0), await store._newest())
-            changed = True
+        resync = began >= self._resync_at
+        if self.low is None:
+            landed, changed = await self._read_all(), True
         else:
-            since = {"revision": {"$gt": self.low}}
-            async with store._errors("watch"):
-                docs = await store._col.find(since).to_list(None)
-                removed = await store._removals.find(since).to_list(None)
-            store.watch_reads += len(docs) + len(removed)
-            # (revision, id, instance or None to remove); a removal and a registration
-            # again of the same id: the later one wins.
-            changes = [(_revision_of(d), str(d.get("_id")), store._decode(d)) for d in docs]
-            changes += [(_revision_of(d), str(d.get("_id")), None) for d in removed]
-            changes.sort(key=lambda c: c[0])
-            landed = changes[-1][0] if changes else 0
-            changed = False
-            for _, key, inst in changes:
-                if inst is None:
-                    changed |= self.instances.pop(key, None) is not None
-                elif self.instances.get(key) != inst:
-                    self.instances[key] = inst
-                    changed = True
+            landed, changed = await self._read_changes()
         self._read_revision = revision
         self.low = self._low_before(began - store.watch_lag)
         self._catch_up_at = began + store.watch_lag
+        if resync and self.low is not None:
+            self._resync_at = began + store.resync_interval
+            if await self._missed_any(self.low):
+                landed, changed = await self._read_all(), True
         # A poll can see the counter move before the write that moved it lands: read again
         # at each poll until it shows up, for at most the lag (a revision can also be taken
         # and never written, by a compare-and-swap that lost).
@@ -484,10 +674,121 @@ class _WatchView:
         elif self._missing_revision != revision:
             self._missing_since = began
             self._missing_revision = revision
-        # Nothing new and no lease running out: the view, and when it next changes, stand.
-        if changed or began >= self._next_expiry:
-            return self._snapshot(revision)
-        return None
+        return self._snapshot(revision) if changed else None
+
+    async def _read_all(self) -> int:
+        """Read every document and every live lease; the newest revision that landed."""
+        store = self._store
+        began = self._loop.time()
+        now = await store._now()
+        # Taken first: every revision up to it has landed, so the documents read next hold
+        # it (or it is a removal). Taken after, it could count a write that landed between
+        # the two reads as read.
+        newest = await store._newest()
+        async with store._errors("watch"):
+            docs = await store._col.find({}).to_list(None)
+            held = await store._leases_of([d.get("_id") for d in docs], now)
+        store.watch_reads += len(docs) + len(held)
+        store.full_reads += 1
+        floor = self._floor()
+        self._revisions = {str(d.get("_id")): _summed(d) for d in docs}
+        self.instances = {i.id: i for i in store._live(docs, held, floor)}
+        self._resync_at = began + store.resync_interval
+        if self.lapse_check_at == float("inf"):
+            self.lapse_check_at = began + store.lapse_check_interval
+        await store.collect_garbage(d for d in docs if str(d.get("_id")) not in held)
+        # What landed also counts removals, which the documents do not show.
+        return max(max((_revision_of(d) for d in docs), default=0), newest)
+
+    async def _read_changes(self) -> tuple[int, bool]:
+        """Read the documents and removals above ``low``, and the leases of those documents;
+        the newest revision read, and whether the view changed."""
+        store = self._store
+        since = {"revision": {"$gt": self.low}}
+        now = await store._now()
+        async with store._errors("watch"):
+            docs = await store._col.find(since).to_list(None)
+            removed = await store._removals.find(since).to_list(None)
+            held = await store._leases_of([d.get("_id") for d in docs], now)
+        store.watch_reads += len(docs) + len(removed) + len(held)
+        floor = self._floor()
+        # (revision, id, document or None to remove); a removal and a registration again of
+        # the same id: the later one wins.
+        changes: list[tuple[int, str, dict[str, Any] | None]] = [
+            (_revision_of(d), str(d.get("_id")), d) for d in docs
+        ]
+        changes += [(_revision_of(d), str(d.get("_id")), None) for d in removed]
+        changes.sort(key=lambda c: c[0])
+        changed = False
+        for _, key, doc in changes:
+            if doc is None:
+                self._revisions.pop(key, None)
+                changed |= self.instances.pop(key, None) is not None
+                continue
+            self._revisions[key] = _summed(doc)
+            live = store._live([doc], held, floor)
+            if not live:
+                changed |= self.instances.pop(key, None) is not None
+            elif self.instances.get(key) != live[0]:
+                self.instances[key] = live[0]
+                changed = True
+        return (changes[-1][0] if changes else 0), changed
+
+    def _floor(self) -> datetime:
+        """The time a lease must be beyond to enter the view: now, or the end of the lapse
+        window already looked at if that is later (a lease that ended inside a window
+        already asked about would never be seen to lapse). The first read starts the
+        windows at now; later reads never move them, or a lapse between the last look and
+        the read would go unseen."""
+        now = self._store.now()
+        if self._lapses_until is None:
+            self._lapses_until = now
+        return max(now, self._lapses_until)
+
+    async def _missed_any(self, low: int) -> bool:
+        """Whether the instance documents at or below ``low`` (landed, by the lag) differ in
+        number or in the sum of their revisions from those read: one small aggregate."""
+        store = self._store
+        pipeline = [
+            {"$match": {"revision": {"$lte": low}}},
+            {"$group": {"_id": None, "n": {"$sum": 1}, "r": {"$sum": "$revision"}}},
+        ]
+        async with store._errors("watch"):
+            rows = await (await store._col.aggregate(pipeline)).to_list(None)
+        store.watch_reads += len(rows)
+        there = (rows[0].get("n", 0), rows[0].get("r", 0)) if rows else (0, 0)
+        read = [r for r in self._revisions.values() if r <= low]
+        if there == (len(read), sum(read)):
+            return False
+        log.info("registry: a write landed later than the lag; reading everything again")
+        return True
+
+    async def check_lapses(self) -> Snapshot | None:
+        """Drop the instances whose lease crossed its expiry since the last look."""
+        store = self._store
+        self.lapse_check_at = self._loop.time() + store.lapse_check_interval
+        if self._lapses_until is None:
+            return None
+        now = await store._now()
+        if now <= self._lapses_until:
+            return None
+        # A second wider on each side, then exact here: the embedded server compares dates
+        # to the second only (MongoDB to the millisecond).
+        since = self._lapses_until
+        window = {"expires_at": {"$gt": since - _SECOND, "$lte": now + _SECOND}}
+        async with store._errors("watch"):
+            docs = await store._leases.find(window).to_list(None)
+        store.lapse_checks += 1
+        store.watch_reads += len(docs)
+        store.lapse_reads += len(docs)
+        self._lapses_until = now
+        changed = False
+        for doc in docs:
+            expires = _as_utc(doc.get("expires_at"))
+            if expires is None or not since < expires <= now:
+                continue
+            changed |= self.instances.pop(str(doc.get("_id")), None) is not None
+        return self._snapshot(self._read_revision) if changed else None
 
     def _low_before(self, t: float) -> int | None:
         """The counter as it stood at ``t``: the last value seen at or before it."""
@@ -499,26 +800,29 @@ class _WatchView:
         return self.low
 
     def _snapshot(self, revision: int) -> Snapshot | None:
-        store = self._store
-        now = store._clock()
-        live = []
-        expired = []
-        for inst in self.instances.values():
-            if leases.is_live(inst.lease_expires_at, now):
-                live.append(inst)
-            else:
-                expired.append(inst.id)
-        for key in expired:
-            del self.instances[key]  # a lease that ran out is renewed only by a new write
-        nxt = leases.next_expiry((i.lease_expires_at for i in live), now)
-        self._next_expiry = (
-            float("inf") if nxt is None else self._loop.time() + (nxt - now).total_seconds() + 0.001
-        )
-        snap = Snapshot.of(live, revision)
+        snap = Snapshot.of(self.instances.values(), revision)
         if snap.same_view(self._last):
             return None
         self._last = snap
         return snap
+
+
+_SECOND = timedelta(seconds=1)
+
+
+def _lease(instance_id: str, expires: datetime) -> dict[str, Any]:
+    return {"_id": instance_id, "expires_at": expires}
+
+
+def _with_lease(inst: Instance, expires: datetime) -> Instance:
+    """The instance as read, with the lease it held then (renewals move it unseen)."""
+    return dataclasses.replace(inst, lease_expires_at=expires)
+
+
+def _summed(doc: dict[str, Any]) -> int:
+    """A document's revision as the server's ``$sum`` counts it (anything else: 0)."""
+    revision = doc.get("revision")
+    return revision if type(revision) is int else 0
 
 
 def _revision_of(doc: dict[str, Any]) -> int:

@@ -15,6 +15,7 @@ EXPECTED = (
     "Maglev max/avg load, N=50",
     "ring_hash keys moved when one of 10 leaves",
     "registry lease renewals/s",
+    "fleet N=100 W=3: lapse → every watcher",
     "register → sidecar DNS answer, p99",
     "register → LB endpoint set, p99",
     "peer death → out of LB routing",

@@ -18,6 +18,7 @@ async def test_bad_documents_are_skipped_and_logged(store, db_url, caplog):
     later = leases.utcnow() + timedelta(seconds=30)
     client: AsyncMongoClient = AsyncMongoClient(db_url, tz_aware=True)
     col = client.get_default_database()["instances"]
+    held = client.get_default_database()["leases"]
     bad = [
         {"_id": "web/no-address", "service": "web", "instance": "no-address", "port": 80},
         {"_id": "web/port", "service": "web", "instance": "port", "address": "10.0.0.2", "port": 70000},
@@ -28,14 +29,19 @@ async def test_bad_documents_are_skipped_and_logged(store, db_url, caplog):
         {"_id": "web/weight", "service": "web", "instance": "weight", "address": "10.0.0.6", "port": 80,
          "weight": "heavy"},
     ]  # fmt: skip
-    for doc in bad:
-        doc["lease_expires_at"] = later
-        await col.insert_one(doc)
     # Unknown fields from a newer writer are ignored, not fatal.
-    await col.insert_one({
+    extra = {
         "_id": "web/extra", "service": "web", "instance": "extra", "address": "10.0.0.7", "port": 81,
-        "lease_expires_at": later, "future_field": {"x": 1}, "schema": 2,
-    })  # fmt: skip
+        "future_field": {"x": 1}, "schema": 2,
+    }  # fmt: skip
+    for doc in [*bad, extra]:
+        await held.insert_one({"_id": doc["_id"], "expires_at": later})
+        await col.insert_one(doc)
+    # The old layout, the lease in the instance document and none in leases: skipped too.
+    old = {"_id": "web/old", "service": "web", "instance": "old", "address": "10.0.0.8", "port": 80,
+           "lease_expires_at": later}  # fmt: skip
+    await col.insert_one(old)
+    bad.append(old)
     await client.close()
 
     watch = store.watch()

@@ -23,24 +23,23 @@ def test_codec_round_trip_keeps_every_field():
         meta={"zone": "a"},
         weight=7,
         status="critical",
-        lease_expires_at=T0,
         registered_at=T0 - timedelta(seconds=5),
         updated_at=T0,
         revision=42,
     )
     doc = to_document(inst)
     assert doc["_id"] == "web/web-1"
-    assert doc["lease_expires_at"] == T0
+    assert "lease_expires_at" not in doc  # the lease lives in its own collection
     back = from_document(doc)
     assert back == inst
     assert back.meta["zone"] == "a" and back.tags == ("blue", "v2")
 
 
 def test_codec_ignores_unknown_fields_and_accepts_naive_dates():
-    doc = to_document(make(lease_expires_at=T0))
+    doc = to_document(make(registered_at=T0))
     doc["written_by"] = "someone else"
-    doc["lease_expires_at"] = T0.replace(tzinfo=None)
-    assert from_document(doc).lease_expires_at == T0
+    doc["registered_at"] = T0.replace(tzinfo=None)
+    assert from_document(doc).registered_at == T0
 
 
 @pytest.mark.parametrize(
@@ -52,11 +51,11 @@ def test_codec_ignores_unknown_fields_and_accepts_naive_dates():
         {"address": "not-an-ip"},
         {"status": "sleeping"},
         {"_id": "other/id"},
-        {"lease_expires_at": "tomorrow"},
+        {"registered_at": "tomorrow"},
     ],
 )
 def test_codec_rejects_bad_documents(change):
-    doc = to_document(make(lease_expires_at=T0))
+    doc = to_document(make(registered_at=T0))
     doc.update(change)
     with pytest.raises(InvalidDocument):
         from_document(doc)
