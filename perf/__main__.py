@@ -196,7 +196,13 @@ def render(rows: list[Row], quick: bool) -> str:
     lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     kind = "quick run (reduced; not for comparison)" if quick else "full run"
-    return f"# mesh performance\n\n{when}, {kind}. Machine: {machine()}\n\n" + "\n".join(lines) + "\n"
+    models = (Path(__file__).parent / "models.md").read_text()
+    return (
+        f"# mesh performance\n\n{when}, {kind}. Machine: {machine()}\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + models
+    )
 
 
 def main() -> int:

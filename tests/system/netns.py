@@ -117,6 +117,42 @@ class Topology:
         self._created.clear()
 
 
+CLIENT = """
+import asyncio, json, sys
+import aiohttp
+
+async def main(url, n, gap):
+    counts = {}
+    sem = asyncio.Semaphore(10)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
+        async def one(i):
+            async with sem:
+                try:
+                    async with s.get(url, headers={"X-User": f"u{i}"}) as r:
+                        await r.read()
+                        key = str(r.status)
+                except Exception as exc:
+                    key = type(exc).__name__
+                counts[key] = counts.get(key, 0) + 1
+                await asyncio.sleep(gap)
+        await asyncio.gather(*(one(i) for i in range(n)))
+    print(json.dumps(counts))
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3])))
+"""
+
+
+def drive(host: Host, port: int, n: int, gap: float = 0.0) -> dict[str, int]:
+    """``n`` GETs from inside ``host`` to its own address at ``port`` (aiohttp, 10 at a
+    time, an ``X-User`` key each, each client pausing ``gap`` after each answer): how many
+    got each status, or each exception's name."""
+    import json
+    import sys
+
+    argv = [sys.executable, "-c", CLIENT, f"http://{host.address}:{port}/", str(n), str(gap)]
+    return json.loads(host.run(argv, timeout=120).stdout)
+
+
 def mesh(*args: str) -> list[str]:
     """The ``mesh`` command as a user runs it, for ``Host.popen``."""
     import sys
@@ -149,10 +185,18 @@ class Processes:
         return proc
 
     def start_web_peer(
-        self, host: Host, index: int, *, mongo_url: str, app_port: int
+        self,
+        host: Host,
+        index: int,
+        *,
+        mongo_url: str,
+        app_port: int,
+        dns: str = "127.0.0.1:53",
+        extra: Sequence[str] = (),
     ) -> subprocess.Popen:
         """An HTTP app on ``host`` and its sidecar (service ``web``, instance ``peer<index>``,
-        DNS on the host's 127.0.0.1:53, address found by the sidecar). Returns the sidecar."""
+        DNS at ``dns`` in the host, address found by the sidecar, ``extra`` flags). Returns
+        the sidecar."""
         import sys
 
         self.start(
@@ -165,7 +209,7 @@ class Processes:
             mesh(
                 "sidecar", "--service", "web", "--port", str(app_port), "--instance", f"peer{index}",
                 "--check", "http:/", "--check-interval", "0.5", "--drain", "0.5",
-                "--dns-listen", "127.0.0.1:53", "--upstream", "none", "--mongo-url", mongo_url,
+                "--dns-listen", dns, "--upstream", "none", "--mongo-url", mongo_url, *extra,
             ),
             f"sidecar{index}",
         )  # fmt: skip

@@ -13,48 +13,18 @@ import subprocess
 import sys
 import time
 
-from tests.system.netns import Host, Processes, Topology, mesh
+from tests.system.netns import Host, Processes, Topology, drive, mesh
 
 DB_PORT = 27017
 APP_PORT = 8080
 LB_PORT = 8000
 DEADLINE = 30.0
 
-CLIENT = """
-import asyncio, json, sys
-import aiohttp
-
-async def main(url, n):
-    counts = {}
-    sem = asyncio.Semaphore(10)
-    timeout = aiohttp.ClientTimeout(total=20)
-    async with aiohttp.ClientSession(timeout=timeout) as s:
-        async def one(i):
-            async with sem:
-                try:
-                    async with s.get(url, headers={"X-User": f"u{i}"}) as r:
-                        await r.read()
-                        key = str(r.status)
-                except Exception as exc:
-                    key = type(exc).__name__
-                counts[key] = counts.get(key, 0) + 1
-        await asyncio.gather(*(one(i) for i in range(n)))
-    print(json.dumps(counts))
-
-asyncio.run(main(sys.argv[1], int(sys.argv[2])))
-"""
 
 ADMIN = """
 import json, sys, urllib.request
 print(urllib.request.urlopen("http://127.0.0.1:9901/clusters", timeout=2).read().decode())
 """
-
-
-def drive(host: Host, n: int) -> dict[str, int]:
-    out = host.run(
-        [sys.executable, "-c", CLIENT, f"http://{host.address}:{LB_PORT}/", str(n)], timeout=120
-    )
-    return json.loads(out.stdout)
 
 
 def clusters(host: Host) -> dict:
@@ -108,24 +78,24 @@ def test_peer_link_down_is_ejected_then_restored_and_traffic_continues(tmp_path)
                 return False
 
         wait_for("three registered peers in the LB", three_endpoints)
-        assert drive(lb_host, 150) == {"200": 150}
+        assert drive(lb_host, LB_PORT, 150) == {"200": 150}
         down = peers[1]
         down.link(False)
-        assert drive(lb_host, 300) == {"200": 300}
+        assert drive(lb_host, LB_PORT, 300) == {"200": 300}
         c = clusters(lb_host)
         entry = [e for e in c["endpoints"] if e["host"] == down.address]
         # Ejected by the LB, or already gone from the registry (its lease ran out).
         assert entry == [] or entry[0]["ejected"], entry
-        assert drive(lb_host, 150) == {"200": 150}
+        assert drive(lb_host, LB_PORT, 150) == {"200": 150}
 
         # The partition heals: the peer is routed to again (re-registered or back from
         # its ejection) and serves its share.
         down.link(True)
 
         def restored() -> bool:
-            drive(lb_host, 30)
+            drive(lb_host, LB_PORT, 30)
             found = [e for e in clusters(lb_host)["endpoints"] if e["host"] == down.address]
             return bool(found) and found[0]["usable"] and found[0]["requests"] > 0
 
         wait_for("the healed peer routed to again", restored)
-        assert drive(lb_host, 150) == {"200": 150}
+        assert drive(lb_host, LB_PORT, 150) == {"200": 150}
