@@ -47,13 +47,18 @@ def endpoints(host: Host) -> set[str]:
     return {f"{e['host']}:{e['port']}" for e in cluster["endpoints"]}
 
 
-def stats(host: Host) -> dict:
+def stats(host: Host) -> dict[str, float]:
+    """The LB's retry counters, from its /metrics."""
     code = (
-        "import json, urllib.request; print(urllib.request.urlopen("
-        f"'http://{ADMIN}/clusters', timeout=2).read().decode())"
+        "import urllib.request; print(urllib.request.urlopen("
+        f"'http://{ADMIN}/metrics', timeout=2).read().decode())"
     )
-    [cluster] = json.loads(host.run([sys.executable, "-c", code]).stdout)["clusters"]
-    return {k: v for k, v in cluster.items() if k != "endpoints"}
+    out = {}
+    for line in host.run([sys.executable, "-c", code]).stdout.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in ("mesh_lb_retries_total", "mesh_lb_retries_denied_total"):
+            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def srv(host: Host, server: str) -> set[str]:
