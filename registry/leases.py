@@ -7,7 +7,6 @@ only collects the garbage later.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 MIN_LEASE_TTL = 1.0  # below this a renewal every ttl/3 is a write storm
@@ -46,9 +45,3 @@ def remaining(expires_at: datetime | None, now: datetime) -> float:
 
 def renew_interval(ttl: float) -> float:
     return check_ttl(ttl) / RENEWALS_PER_LEASE
-
-
-def next_expiry(expiries: Iterable[datetime | None], now: datetime) -> datetime | None:
-    """The earliest lease still in the future: when the next snapshot is due without a write."""
-    future = [e for e in expiries if e is not None and e > now]
-    return min(future) if future else None

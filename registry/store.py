@@ -653,7 +653,7 @@ class _WatchView:
         """Read what changed; the new snapshot, or None when readers would see no change."""
         store = self._store
         began = self._loop.time()
-        resync = began >= self._resync_at
+        resync = self.low is not None and began >= self._resync_at  # a full read needs none
         if self.low is None:
             landed, changed = await self._read_all(), True
         else:

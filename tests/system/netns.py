@@ -153,6 +153,18 @@ def drive(host: Host, port: int, n: int, gap: float = 0.0) -> dict[str, int]:
     return json.loads(host.run(argv, timeout=120).stdout)
 
 
+def wait_for(what: str, check, deadline: float = 40.0) -> float:
+    """Seconds until ``check()`` holds, polled every 0.2 s; AssertionError after ``deadline``."""
+    import time
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < deadline:
+        if check():
+            return time.monotonic() - t0
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def mesh(*args: str) -> list[str]:
     """The ``mesh`` command as a user runs it, for ``Host.popen``."""
     import sys

@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
-from tests.system.netns import Host, Processes, Topology, drive, mesh
+from tests.system.netns import Host, Processes, Topology, drive, mesh, wait_for
 
 DB_PORT = 27017
 APP_PORT = 8080
 LB_PORT = 8000
-DEADLINE = 30.0
 
 
 ADMIN = """
@@ -29,15 +27,6 @@ print(urllib.request.urlopen("http://127.0.0.1:9901/clusters", timeout=2).read()
 
 def clusters(host: Host) -> dict:
     return json.loads(host.run([sys.executable, "-c", ADMIN]).stdout)["clusters"][0]
-
-
-def wait_for(what: str, check) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_peer_link_down_is_ejected_then_restored_and_traffic_continues(tmp_path):

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.system.netns import Host, Processes, Topology, drive, mesh
+from tests.system.netns import Host, Processes, Topology, drive, mesh, wait_for
 
 DB_PORT = 27017
 LB_PORT = 8000
@@ -22,7 +21,6 @@ ADMIN = "127.0.0.1:9901"
 LEASE = 3.0  # s; the sidecars' lease, so that a lapse is quick to see
 DNS = ("127.0.0.1:53", "127.0.0.2:53")  # the two peers' sidecars on each host
 APP_PORTS = (8080, 8081)
-DEADLINE = 40.0
 
 ROUTES = """
 import json, sys, urllib.request
@@ -67,16 +65,6 @@ def srv(host: Host, server: str) -> set[str]:
     argv = ["dig", "+short", "+time=1", "+tries=1", f"@{address}", "-p", port]
     out = host.run([*argv, "SRV", "_web._tcp.service.mesh"], check=False)
     return set(out.stdout.split("\n")) - {""} if out.returncode == 0 else set()
-
-
-def wait_for(what: str, check, deadline: float = DEADLINE) -> float:
-    """Seconds until ``check()`` holds."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < deadline:
-        if check():
-            return time.monotonic() - t0
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_three_hosts_route_alike_and_a_partitioned_host_leaves_everywhere(tmp_path):

@@ -114,12 +114,6 @@ def test_lease_expiry_keeps_millisecond_precision_like_bson():
     assert leases.expiry(t, 1.0009).microsecond % 1000 == 0
 
 
-def test_next_expiry_ignores_past_and_missing():
-    a, b = T0 + timedelta(seconds=3), T0 + timedelta(seconds=1)
-    assert leases.next_expiry([a, None, T0 - timedelta(seconds=1), b], T0) == b
-    assert leases.next_expiry([], T0) is None
-
-
 @pytest.mark.parametrize("ttl", [0, 0.5, 10**6])
 def test_lease_ttl_bounds(ttl):
     with pytest.raises(ValueError, match="lease TTL"):
