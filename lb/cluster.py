@@ -309,8 +309,25 @@ class Cluster:
         """The whole try order of a pick that listed only its home."""
         usable = [True] * len(view.states) if self.panic else self.usable
         if len(usable) != len(view.states):
-            return pick.order  # the set changed under the request: try the home only
+            return pick.order  # a view that is not current (callers reroute first): the home
         return self.picker.rest(view.table, pick, usable, tries)
+
+    def reroute(
+        self, view: View, order: tuple[int, ...], tried: int, key_hash: int | None, tries: int
+    ) -> tuple[View, tuple[int, ...]]:
+        """A retry's order when the endpoint set changed since the request was routed: the
+        current view, and an order whose first ``tried`` positions are the spent ones (of
+        the old view, never read again) followed by the current set's picks for the key,
+        leaving out the endpoints already tried. Envoy too picks a retry's host from the
+        set as it is at the retry, skipping the hosts tried before."""
+        spent = {view.states[i].endpoint.key for i in order[:tried]}
+        choice = self.choose(key_hash, tries + len(spent))
+        if choice is None:
+            return view, order[:tried]  # nothing left to try: the last outcome stands
+        now, pick = choice
+        full = self.rest(now, pick, tries + len(spent)) if pick.partial else pick.order
+        left = [i for i in full if now.states[i].endpoint.key not in spent]
+        return now, (*order[:tried], *left[: tries - tried])
 
     def record(self, state: EndpointState, outcome: Outcome, now: float, latency: float | None):
         events = self.detector.record(state.endpoint.key, outcome, now, latency=latency)

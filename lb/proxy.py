@@ -795,9 +795,9 @@ class Downstream(asyncio.Protocol):
             home = pick.order[0]
         now = time.monotonic()
         cluster.budget.on_request(now)
-        x = _Exchange(cluster, view, pick, req, now + cfg.request_timeout, tries)
+        x = _Exchange(cluster, view, pick, req, now + cfg.request_timeout, tries, key_hash)
         if pick is None:
-            x.home(home, key_hash)
+            x.home(home)
         state = view.states[home]
         up = state.take_idle(now, cfg.pool_idle_expiry) if head.upgrade is None else None
         if up is None:
@@ -916,6 +916,10 @@ class Downstream(asyncio.Protocol):
                     replayable=req.replayable and head.upgrade is None,
                 ):
                     break
+                if x.view is not cluster.view:
+                    x.view, x.order = cluster.reroute(x.view, x.order, tried, x.key_hash, x.tries)
+                    x.pick = Pick(x.order, key_hash=x.key_hash)  # whole: nothing to add
+                    x.n_tries = len(x.order)
                 if tried >= x.n_tries:
                     break
                 if tried >= len(x.order):
@@ -1110,14 +1114,16 @@ class _Exchange:
         "state", "up", "t0", "timer", "outcome", "try_deadline", "key_hash",
     )  # fmt: skip
 
-    def __init__(self, cluster, view, pick, req: Request, deadline: float, tries: int) -> None:
+    def __init__(
+        self, cluster, view, pick, req: Request, deadline: float, tries: int, key_hash
+    ) -> None:
         self.cluster = cluster
         self.view = view
         self.pick = pick  # None: the key's home only, see home()
         self.req = req
         self.deadline = deadline
         self.tries = tries
-        self.key_hash: int | None = None
+        self.key_hash: int | None = key_hash
         if pick is not None:
             self.order = pick.order
             n = len(view.states)
@@ -1130,10 +1136,9 @@ class _Exchange:
         self.outcome = Outcome.CONNECT_FAILED
         self.try_deadline = deadline
 
-    def home(self, index: int, key_hash: int) -> None:
+    def home(self, index: int) -> None:
         """The pick was the key's usable home (Cluster.home): the same as a partial Pick."""
         self.order = (index,)
-        self.key_hash = key_hash
         n = len(self.view.states)
         self.n_tries = min(self.tries, n) if self.tries > 1 and n > 1 else 1
 

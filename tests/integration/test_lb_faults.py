@@ -119,6 +119,37 @@ async def test_hanging_peer_is_timed_out_per_try_retried_and_ejected():
         await hang.stop()
 
 
+async def test_a_retry_after_the_set_changed_goes_to_the_new_set():
+    """Requests wait on a peer that never answers; while they wait, the registry removes
+    another endpoint. Each one's retry is routed on the set as it is now, to an endpoint it
+    has not tried: every client gets its 200 (before, a retry across a set change was not
+    made, and the client got the 504)."""
+    from lb.endpoints import EndpointSet
+    from lb.ring import hash_key
+
+    hang = await HangingPeer().start()
+    try:
+        async with (
+            backends(3) as bs,
+            lb_in_process([*bs, hang], per_try_timeout=1.0, retries=2) as lb,
+        ):
+            view = lb.cluster.view
+            at = [st.endpoint.key for st in view.states].index(hang.key)
+            keys = [k for k in (f"user{i}" for i in range(200))
+                    if view.table.lookup(hash_key(k.encode())) == at][:2]  # fmt: skip
+            waiting = asyncio.create_task(get_many(lb.port, keys, concurrency=2))
+            async with asyncio.timeout(5):
+                while hang.connections < len(keys):
+                    await asyncio.sleep(0.01)
+            await lb.cluster.set_endpoints(EndpointSet.of([b.endpoint for b in (*bs[1:], hang)]))
+            res = await waiting
+            print(f"retried across a set change: {res.statuses}, backends {res.backends}")
+            assert res.errors == [] and res.statuses == Counter({200: len(keys)})
+            assert set(res.backends) <= {"b1", "b2"}
+    finally:
+        await hang.stop()
+
+
 async def test_ten_times_slower_peer_loses_its_traffic():
     """Siblings answer in 10 ms, one peer in 100 ms: latency ejection takes it out, and the
     keys it was home to are served by the others."""
