@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import multiprocessing
 import os
 import statistics
+import sys
 import time
 
 from mesh import runtime
@@ -117,50 +120,90 @@ class _Watcher:
                 await self.changed.wait()
 
 
+async def _renew_fleet(url: str, instances: int, counts, ready) -> None:
+    """The fleet's sidecars: register every instance, then renew each lease every ttl/3
+    until stopped (a lapsed one registers again, a real change). Counts go to ``counts``
+    (renewed, lost, seconds the latest round started late)."""
+    writer = RegistryStore.from_url(url)
+    await writer.start()
+    sem = asyncio.Semaphore(RENEWERS)
+
+    async def register(n: int) -> None:
+        async with sem:
+            await writer.register(_inst(f"i-{n}", n), TTL)
+
+    await asyncio.gather(*(register(n) for n in range(instances)))
+    ready.set()
+    interval = leases.renew_interval(TTL)
+
+    async def renewer(k: int) -> None:
+        # Renewer k's rounds are due at k/RENEWERS of the interval, then every interval:
+        # the fleet's renewals spread evenly, as independent sidecars' are.
+        start = time.monotonic() + interval * k / RENEWERS
+        for r in itertools.count():
+            await asyncio.sleep(max(0.0, start + r * interval - time.monotonic()))
+            counts[2] = max(counts[2], time.monotonic() - (start + r * interval))
+            for n in range(k, instances, RENEWERS):
+                if await writer.renew(f"fleet/i-{n}", TTL):
+                    counts[0] += 1
+                else:
+                    counts[1] += 1
+                    await writer.register(_inst(f"i-{n}", n), TTL)
+
+    await asyncio.gather(*(renewer(k) for k in range(RENEWERS)))
+
+
+def _renewals_main(url: str, instances: int, counts, ready) -> None:
+    runtime.run(_renew_fleet(url, instances, counts, ready))
+
+
+async def _progress(ws: list[_Watcher], instances: int, counts) -> None:
+    """Every 10 s of a slow first sync, a line on stderr: how far the watchers are."""
+    t0 = time.monotonic()
+    while True:
+        await asyncio.sleep(10)
+        synced = sum(len(w.view) == instances for w in ws)
+        smallest = min(len(w.view) for w in ws)
+        print(
+            f"{time.monotonic() - t0:4.0f} s: {synced}/{len(ws)} watchers synced, the least"
+            f" holds {smallest}; renewals {counts[0]:.0f} done, {counts[1]:.0f} lapsed,"
+            f" latest round {counts[2]:.1f} s late",
+            file=sys.stderr,
+        )
+
+
 async def fleet(instances: int, watchers: int, seconds: float) -> dict[str, float]:
+    """The renewals run in a process of their own, from registration to the end, as the
+    sidecars' do; the watchers share this one."""
     db = EmbeddedDB()
     url = await asyncio.to_thread(db.start)
     assert db.pid is not None
     writer = RegistryStore.from_url(url)
     ws: list[_Watcher] = []
+    mp = multiprocessing.get_context("spawn")
+    counts, ready = mp.Array("d", 3, lock=False), mp.Event()
+    fleet_proc = mp.Process(target=_renewals_main, args=(url, instances, counts, ready))
     try:
         await writer.start()
         names = [f"fleet/i-{n}" for n in range(instances)]
-        sem = asyncio.Semaphore(RENEWERS)
-
-        async def register(n: int) -> None:
-            async with sem:
-                await writer.register(_inst(f"i-{n}", n), TTL)
-
-        await asyncio.gather(*(register(n) for n in range(instances)))
+        interval = leases.renew_interval(TTL)
+        fleet_proc.start()
+        if not await asyncio.to_thread(ready.wait, SYNC_TIMEOUT):
+            raise TimeoutError("the fleet did not register in time")
         synced = time.monotonic()
         ws = [_Watcher(url) for _ in range(watchers)]
-        for w in ws:
-            await w.until(lambda v: len(v) == instances, SYNC_TIMEOUT)
+        progress = asyncio.create_task(_progress(ws, instances, counts))
+        try:
+            for w in ws:
+                await w.until(lambda v: len(v) == instances, SYNC_TIMEOUT)
+        finally:
+            progress.cancel()
         synced = time.monotonic() - synced
 
-        renewed = lost = 0
-        late = 0.0  # s the latest round of renewals started behind its schedule
-        interval = leases.renew_interval(TTL)
-        rounds = max(1, round(seconds / interval))
-
-        async def renewer(k: int) -> None:
-            # Renewer k's rounds are due at k/RENEWERS of the interval, then every interval:
-            # the fleet's renewals spread evenly, as independent sidecars' are.
-            nonlocal renewed, lost, late
-            mine = names[k::RENEWERS]
-            start = time.monotonic() + interval * k / RENEWERS
-            for r in range(rounds):
-                await asyncio.sleep(max(0.0, start + r * interval - time.monotonic()))
-                late = max(late, time.monotonic() - (start + r * interval))
-                for name in mine:
-                    if await writer.renew(name, TTL):
-                        renewed += 1
-                    else:
-                        lost += 1
-
-        def totals() -> tuple[int, int, int, int, int]:
+        def totals() -> tuple[int, ...]:
             return (
+                int(counts[0]),
+                int(counts[1]),
                 sum(w.store.watch_polls for w in ws),
                 sum(w.store.lapse_reads for w in ws),
                 sum(w.store.lapse_checks for w in ws),
@@ -169,15 +212,16 @@ async def fleet(instances: int, watchers: int, seconds: float) -> dict[str, floa
             )
 
         await asyncio.sleep(2.0)  # past the lag after the registrations
+        counts[2] = 0.0
         before, cpu0, t0 = totals(), _cpu_seconds(db.pid), time.monotonic()
-        renewing = [asyncio.create_task(renewer(k)) for k in range(RENEWERS)]
-        await asyncio.gather(*renewing)
-        elapsed = max(time.monotonic() - t0, rounds * interval)
+        await asyncio.sleep(seconds)
+        elapsed = time.monotonic() - t0
         cpu = (_cpu_seconds(db.pid) - cpu0) / elapsed
         after = totals()
-        polls, lapse_reads, lapse_checks, reads, full = (
+        done, failed, polls, lapse_reads, lapse_checks, reads, full = (
             a - b for a, b in zip(after, before, strict=True)
         )
+        late_in_window = counts[2]
 
         # A status change, until every watcher shows it.
         status_ms = []
@@ -186,7 +230,7 @@ async def fleet(instances: int, watchers: int, seconds: float) -> dict[str, floa
             t = time.monotonic()
             await writer.set_status(name, "critical")
             for w in ws:
-                await w.until(lambda v, name=name: v[name].status == "critical")
+                await w.until(lambda v, name=name: name in v and v[name].status == "critical")
             status_ms.append((time.monotonic() - t) * 1000)
 
         # A lapse, from the lease's expiry until every watcher dropped it (database clock).
@@ -207,9 +251,9 @@ async def fleet(instances: int, watchers: int, seconds: float) -> dict[str, floa
             "watchers": watchers,
             "first_sync_all_watchers_s": synced,
             "renewals_needed_per_s": instances / interval,
-            "renewals_per_s": renewed / elapsed,
-            "renewals_lost": lost,
-            "renewal_round_late_max_s": late,
+            "renewals_per_s": done / elapsed,
+            "renewals_lost": failed,
+            "renewal_round_late_max_s": late_in_window,
             "counter_polls_per_s": polls / elapsed,
             "lapse_checks_per_s": lapse_checks / elapsed,
             "docs_read_per_watcher_s": reads / elapsed / watchers,
@@ -221,6 +265,9 @@ async def fleet(instances: int, watchers: int, seconds: float) -> dict[str, floa
             "db_cpu": cpu,
         }
     finally:
+        if fleet_proc.is_alive():
+            fleet_proc.terminate()
+            fleet_proc.join()
         for w in ws:
             w.task.cancel()
         await asyncio.gather(*(w.task for w in ws), return_exceptions=True)

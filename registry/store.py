@@ -63,6 +63,7 @@ LEASES_KEPT = 600
 REVISION_ID = "instances"
 CHANGE_FEEDS = ("auto", "changestream", "poll")
 DEFAULT_POLL_INTERVAL = 0.1  # s; the revision counter is one small read
+POLL_BACKOFF = 10  # a poll that took t waits at least 10 t before the next one
 STREAM_AWAIT = 1.0  # s a change stream read waits on the server for an event
 # How often a watcher asks which leases lapsed: a lapse reaches it within this plus one
 # round trip (the contract is 1.5 s).
@@ -74,6 +75,9 @@ RENEW_MARGIN = timedelta(seconds=0.25)
 CLOCK_CHECK_INTERVAL = 60.0  # s between measurements of the database's clock
 CLOCK_SAMPLES = 4  # hellos at most per measurement
 CLOCK_GOOD_TRIP = 0.005  # s; a round trip this short ends the measurement
+CLOCK_FAIR_ERROR = 0.05  # s; a measurement less sure than this is tried again sooner
+CLOCK_RETRY_INTERVAL = 5.0  # s; how much sooner
+CLOCK_DRIFT = 1e-4  # how far two hosts' clocks may run apart per second (100 ppm)
 MAX_SKIPPED_REMEMBERED = 10_000  # bad documents logged once each; a bound on the memory
 MAX_UPDATE_TRIES = 16  # compare-and-swap retries; one instance has one writer, its sidecar
 # A watcher reads only the documents written since its last read (by revision). A writer
@@ -136,6 +140,7 @@ class RegistryStore:
         # The database's clock: its time at a monotonic instant (None: not measured yet).
         self._db_time: datetime | None = None
         self._db_time_at = 0.0
+        self._clock_trip = 0.0  # s; the round trip of the measurement in use
         self.clock_offset = 0.0  # s the database's clock is ahead of ours, last measured
         self.watch_reads = 0  # documents read by watchers: their cost on the database
         self.watch_polls = 0  # revision counter reads by polling watchers
@@ -197,15 +202,27 @@ class RegistryStore:
         return at.replace(microsecond=at.microsecond // 1000 * 1000)
 
     async def _now(self) -> datetime:
-        """``now()``, measuring the database's clock first when the last look is old."""
-        if self._db_time is None or time.monotonic() - self._db_time_at > CLOCK_CHECK_INTERVAL:
+        """``now()``, measuring the database's clock first when the last look is old (or
+        was unsure: a loaded server answers slowly)."""
+        age = time.monotonic() - self._db_time_at
+        if (
+            self._db_time is None
+            or age > CLOCK_CHECK_INTERVAL
+            or (self.clock_error() > CLOCK_FAIR_ERROR and age > CLOCK_RETRY_INTERVAL)
+        ):
             await self._measure_clock()
         return self.now()
+
+    def clock_error(self) -> float:
+        """How far ``now()`` may be from the database's clock, in seconds: half the round
+        trip it was measured over, plus the drift since."""
+        return self._clock_trip / 2 + CLOCK_DRIFT * (time.monotonic() - self._db_time_at)
 
     async def _measure_clock(self) -> dict[str, Any]:
         """The server's ``localTime`` taken as the time halfway through a ``hello``'s round
         trip; of a few, the one with the shortest trip (the first also opens the connection,
-        and a slow trip is an uneven one). Servers without it leave our own clock in use."""
+        and a slow trip is an uneven one). A measurement less sure than the one in use
+        (a loaded server) is dropped. Servers without it leave our own clock in use."""
         best: tuple[float, float, datetime] | None = None
         for _ in range(CLOCK_SAMPLES):
             async with self._errors("hello"):
@@ -220,7 +237,9 @@ class RegistryStore:
             if best[0] < CLOCK_GOOD_TRIP:
                 break
         assert best is not None
-        _, self._db_time_at, self._db_time = best
+        if self._db_time is not None and best[0] / 2 > self.clock_error():
+            return hello
+        self._clock_trip, self._db_time_at, self._db_time = best
         ours = datetime.now(UTC) - timedelta(seconds=time.monotonic() - self._db_time_at)
         self.clock_offset = (self._db_time - ours).total_seconds()
         return hello
@@ -399,11 +418,15 @@ class RegistryStore:
         return out
 
     def _live(
-        self, docs: Iterable[dict[str, Any]], held: dict[str, datetime], now: datetime
+        self,
+        docs: Iterable[dict[str, Any]],
+        held: dict[str, datetime],
+        now: datetime,
+        dormant: dict[str, Instance] | None = None,
     ) -> list[Instance]:
         """The instances among ``docs`` that decode and hold a lease in the future at ``now``
         (checked again here, so a slow answer never resurrects a lease that ran out while it
-        was in flight)."""
+        was in flight). Those that decode and hold none go into ``dormant`` if given."""
         out = []
         for doc in docs:
             expires = held.get(str(doc.get("_id")))
@@ -413,10 +436,16 @@ class RegistryStore:
                         f"{doc.get('_id')!r}: carries its lease (the old layout) and has none"
                         f" in {LEASES!r}; its sidecar must be upgraded"
                     ))  # fmt: skip
+                elif dormant is not None and (inst := self._decode(doc)) is not None:
+                    dormant[inst.id] = inst
                 continue
             inst = self._decode(doc)
-            if inst is not None and leases.is_live(expires, now):
+            if inst is None:
+                continue
+            if leases.is_live(expires, now):
                 out.append(_with_lease(inst, expires))
+            elif dormant is not None:
+                dormant[inst.id] = inst
         return out
 
     def _decode(self, doc: dict[str, Any]) -> Instance | None:
@@ -459,16 +488,26 @@ class RegistryStore:
             async for snap in self._watch_polling():
                 yield snap
 
+    def _poll_pause(self, took: float) -> float:
+        """The pause before the next poll: the poll interval, or POLL_BACKOFF times what the
+        last poll took when the server is slow. A watcher then keeps the server busy for
+        at most 1/POLL_BACKOFF of its time, so many watchers of a loaded server slow their
+        polls down instead of queueing up in front of the writes (renewals included)."""
+        return max(self.poll_interval, took * POLL_BACKOFF)
+
     async def _watch_polling(self) -> AsyncIterator[Snapshot]:
         view = _WatchView(self)
         loop = asyncio.get_running_loop()
         while True:
+            asked = loop.time()
             revision = await self.revision()
             self.watch_polls += 1
-            view.observed(revision, loop.time())
-            for snap in await view.turn(revision if view.due(revision, loop.time()) else None):
+            now = loop.time()
+            view.observed(revision, now)
+            pause = self._poll_pause(now - asked)
+            for snap in await view.turn(revision if view.due(revision, now) else None):
                 yield snap
-            await asyncio.sleep(min(self.poll_interval, view.wait(loop.time())))
+            await asyncio.sleep(min(pause, view.wait(loop.time())))
 
     async def _watch_change_stream(self) -> AsyncIterator[Snapshot]:
         # Each event means only "something changed": read what changed by revision. The
@@ -491,8 +530,8 @@ class RegistryStore:
                         asked = loop.time()
                         if await stream.try_next() is not None:
                             woken.set()
-                        elif loop.time() - asked < STREAM_AWAIT / 2:
-                            await asyncio.sleep(self.poll_interval)
+                        elif (took := loop.time() - asked) < STREAM_AWAIT / 2:
+                            await asyncio.sleep(self._poll_pause(took))
             finally:
                 woken.set()  # an error wakes the reader, which raises it
 
@@ -589,6 +628,9 @@ class _WatchView:
         self._store = store
         self._loop = asyncio.get_running_loop()
         self.instances: dict[str, Instance] = {}
+        # Instances read whose lease had run out: a renewal that lands after all (this
+        # watcher's clock or its read was late) brings one back at the next lapse check.
+        self._dormant: dict[str, Instance] = {}
         self._revisions: dict[str, int] = {}  # every instance document read: id → revision
         self.low: int | None = None  # None: the next read is a full one
         self._history: deque[tuple[float, int]] = deque()  # (loop time, counter) seen
@@ -692,7 +734,8 @@ class _WatchView:
         store.full_reads += 1
         floor = self._floor()
         self._revisions = {str(d.get("_id")): _summed(d) for d in docs}
-        self.instances = {i.id: i for i in store._live(docs, held, floor)}
+        self._dormant = {}
+        self.instances = {i.id: i for i in store._live(docs, held, floor, self._dormant)}
         self._resync_at = began + store.resync_interval
         if self.lapse_check_at == float("inf"):
             self.lapse_check_at = began + store.lapse_check_interval
@@ -721,12 +764,13 @@ class _WatchView:
         changes.sort(key=lambda c: c[0])
         changed = False
         for _, key, doc in changes:
+            self._dormant.pop(key, None)
             if doc is None:
                 self._revisions.pop(key, None)
                 changed |= self.instances.pop(key, None) is not None
                 continue
             self._revisions[key] = _summed(doc)
-            live = store._live([doc], held, floor)
+            live = store._live([doc], held, floor, self._dormant)
             if not live:
                 changed |= self.instances.pop(key, None) is not None
             elif self.instances.get(key) != live[0]:
@@ -764,7 +808,8 @@ class _WatchView:
         return True
 
     async def check_lapses(self) -> Snapshot | None:
-        """Drop the instances whose lease crossed its expiry since the last look."""
+        """Drop the instances whose lease crossed its expiry since the last look, and take
+        back the dormant ones whose lease is in the future again."""
         store = self._store
         self.lapse_check_at = self._loop.time() + store.lapse_check_interval
         if self._lapses_until is None:
@@ -775,7 +820,10 @@ class _WatchView:
         # A second wider on each side, then exact here: the embedded server compares dates
         # to the second only (MongoDB to the millisecond).
         since = self._lapses_until
-        window = {"expires_at": {"$gt": since - _SECOND, "$lte": now + _SECOND}}
+        window: dict[str, Any] = {"expires_at": {"$gt": since - _SECOND, "$lte": now + _SECOND}}
+        if self._dormant:  # their leases only if renewed: a lapsed one is not read again
+            back = {"_id": {"$in": list(self._dormant)}, "expires_at": {"$gt": now - _SECOND}}
+            window = {"$or": [window, back]}
         async with store._errors("watch"):
             docs = await store._leases.find(window).to_list(None)
         store.lapse_checks += 1
@@ -785,9 +833,17 @@ class _WatchView:
         changed = False
         for doc in docs:
             expires = _as_utc(doc.get("expires_at"))
-            if expires is None or not since < expires <= now:
+            if expires is None:
                 continue
-            changed |= self.instances.pop(str(doc.get("_id")), None) is not None
+            key = str(doc.get("_id"))
+            if since < expires <= now:
+                if (inst := self.instances.pop(key, None)) is not None:
+                    self._dormant[key] = inst
+                    changed = True
+            elif expires > now and (inst := self._dormant.pop(key, None)) is not None:
+                log.info("registry: %s was renewed after its lease looked run out here", key)
+                self.instances[key] = _with_lease(inst, expires)
+                changed = True
         return self._snapshot(self._read_revision) if changed else None
 
     def _low_before(self, t: float) -> int | None:

@@ -9,6 +9,7 @@ import glob
 import itertools
 import signal
 import time
+from datetime import timedelta
 
 import pytest
 
@@ -128,6 +129,72 @@ async def test_a_lapse_reaches_every_watcher_within_its_contract(db_url, feed):
         for w in watchers:
             await w.close()
         await writer.close()
+
+
+@pytest.mark.parametrize("feed", FEEDS)
+async def test_a_watcher_that_judged_a_lease_lapsed_too_soon_takes_it_back(db_url, feed):
+    """A watcher whose estimate of the database's clock is 2.5 s ahead (a measurement over
+    a slow round trip can be that far off) sees a 3 s lease renewed every second as lapsed
+    before each renewal lands. The renewal takes no revision, so only the lapse check can
+    bring the instance back: it does, each time, and the instance is there at the end."""
+    writer = RegistryStore.from_url(db_url)
+    await writer.start()
+    watcher = Watcher(db_url, feed, writer)
+    try:
+        await writer.register(inst("renewed"), 3)
+        since = await watcher.until({"web/renewed"}, 5)
+        assert watcher.store._db_time is not None
+        watcher.store._db_time += timedelta(seconds=2.5)
+        for _ in range(5):
+            await asyncio.sleep(1)
+            assert await writer.renew("web/renewed", 3)
+        gone = await watcher.until(set(), 1, after=since)
+        back = await watcher.until({"web/renewed"}, 1, after=gone)
+        print(f"judged lapsed {gone - since:.1f} s in, taken back {back - gone:.2f} s later")
+    finally:
+        await watcher.close()
+        await writer.close()
+
+
+async def test_a_clock_measured_over_a_slow_trip_gives_way_to_a_surer_one(db_url, monkeypatch):
+    """Hellos answered 0.4 s late (a loaded server): a store that measured the clock over a
+    quick trip keeps that measurement; one that could only measure over slow trips measures
+    again after CLOCK_RETRY_INTERVAL (5 s, shortened here), not 60 s, and takes the surer
+    one."""
+    import registry.store as store_module
+
+    monkeypatch.setattr(store_module, "CLOCK_RETRY_INTERVAL", 0.2)
+    sure, unsure = RegistryStore.from_url(db_url), RegistryStore.from_url(db_url)
+    await sure.start()
+    assert sure.clock_error() < 0.05
+
+    database = type(sure._client.admin)
+    command = database.command
+    late: set[int] = set()  # the clients whose hellos come back late
+
+    async def maybe_late(self, *args, **kwargs):
+        if id(self.client) in late:
+            await asyncio.sleep(0.4)
+        return await command(self, *args, **kwargs)
+
+    monkeypatch.setattr(database, "command", maybe_late)
+    try:
+        offset = sure.clock_offset
+        late.add(id(sure._client))
+        await sure._measure_clock()
+        assert sure.clock_offset == offset and sure.clock_error() < 0.05
+
+        late.add(id(unsure._client))
+        await unsure.start()
+        assert unsure.clock_error() >= 0.2  # half of a 0.4 s trip at least
+        late.clear()
+        await asyncio.sleep(0.3)
+        await unsure._now()
+        assert unsure.clock_error() < 0.05
+        assert abs(unsure.clock_offset - sure.clock_offset) < 2 * CLOCK_ERROR
+    finally:
+        await sure.close()
+        await unsure.close()
 
 
 async def test_a_renewal_near_the_end_of_its_lease_is_refused(store):
