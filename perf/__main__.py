@@ -105,15 +105,18 @@ def registry_rows(quick: bool) -> list[Row]:
         Row(f"registry list() of {n:,} instances", out["list_ms"], None, "", "", "ms"),
         Row("registry watch latency p50 (write → snapshot)", out["watch_p50_ms"], None, "", "≤ 300 ms", "ms"),
     ]
-    # W=100 watchers in one harness process against the embedded server did not finish
-    # its first sync and renewals within five minutes; the larger fleets are run by hand.
-    fleets = [(100, 3)] if quick else [(1000, 20)]
+    # 3,000 instances with 100 watchers is past what the embedded server serves (its
+    # renewals fall behind and leases lapse): run by hand, see README's registry section.
+    fleets = [(100, 3)] if quick else [(1000, 20), (1000, 100), (3000, 20)]
     for instances, watchers in fleets:
-        f = runtime.run(fleet(instances, watchers, 4.0 if quick else 15.0))
+        f = runtime.run(fleet(instances, watchers, 4.0 if quick else 20.0))
         at = f"N={instances:,} W={watchers}"
         rows += [
             Row(f"fleet {at}: renewals/s done (needed {f['renewals_needed_per_s']:,.0f})", f["renewals_per_s"], None, "", "= needed", "1/s"),
-            Row(f"fleet {at}: documents read per watcher per second while renewing", f["docs_read_per_watcher_s"], None, "", "≤ 1", "1/s"),
+            Row(f"fleet {at}: leases that lapsed while renewing (registered again)", f["renewals_lost"], None, "", "0", ""),
+            Row(f"fleet {at}: first sync of every watcher", f["first_sync_all_watchers_s"], None, "", "", "s"),
+            Row(f"fleet {at}: documents read per watcher per second while renewing", f["docs_read_per_watcher_s"], None, "", "≤ 1", "1/s",
+                note=f"{f['full_reads']:,.0f} full reads in the window"),
             Row(f"fleet {at}: database operations/s while renewing (renewals + counter polls + lapse checks)", f["renewals_per_s"] + f["counter_polls_per_s"] + f["lapse_checks_per_s"], None, "", "", "1/s",
                 note=f"{f['renewals_per_s']:,.0f} + {f['counter_polls_per_s']:,.0f} + {f['lapse_checks_per_s']:,.0f}"),
             Row(f"fleet {at}: status change → every watcher, p50", f["status_p50_ms"], None, "", "", "ms"),

@@ -498,16 +498,22 @@ class RegistryStore:
     async def _watch_polling(self) -> AsyncIterator[Snapshot]:
         view = _WatchView(self)
         loop = asyncio.get_running_loop()
+        next_poll = 0.0  # loop time; a lapse check alone does not read the counter
         while True:
-            asked = loop.time()
-            revision = await self.revision()
-            self.watch_polls += 1
             now = loop.time()
-            view.observed(revision, now)
-            pause = self._poll_pause(now - asked)
-            for snap in await view.turn(revision if view.due(revision, now) else None):
+            revision = None
+            if now >= next_poll or view.due_without_event(now):
+                revision = await self.revision()
+                self.watch_polls += 1
+                asked, now = now, loop.time()
+                view.observed(revision, now)
+                next_poll = now + self._poll_pause(now - asked)
+                if not view.due(revision, now):
+                    revision = None
+            for snap in await view.turn(revision):
                 yield snap
-            await asyncio.sleep(min(pause, view.wait(loop.time())))
+            now = loop.time()
+            await asyncio.sleep(max(0.0, min(next_poll - now, view.wait(now))))
 
     async def _watch_change_stream(self) -> AsyncIterator[Snapshot]:
         # Each event means only "something changed": read what changed by revision. The

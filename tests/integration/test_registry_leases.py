@@ -197,6 +197,46 @@ async def test_a_clock_measured_over_a_slow_trip_gives_way_to_a_surer_one(db_url
         await unsure.close()
 
 
+async def test_a_watcher_polls_less_often_while_the_server_answers_slowly(db_url, monkeypatch):
+    """Counter reads answered 0.2 s late: the watcher waits ten times that between polls
+    (2 s, not the 0.1 s interval), and polls every 0.1 s again once answers are quick."""
+    watcher = RegistryStore.from_url(db_url, change_feed="poll")
+    await watcher.start()
+    collection = type(watcher._counters)
+    find_one = collection.find_one
+    slow = [True]
+
+    async def maybe_late(self, *args, **kwargs):
+        if slow[0] and self is watcher._counters:
+            await asyncio.sleep(0.2)
+        return await find_one(self, *args, **kwargs)
+
+    monkeypatch.setattr(collection, "find_one", maybe_late)
+    first = asyncio.Event()
+
+    async def follow() -> None:
+        async for _ in watcher.watch():
+            first.set()
+
+    watching = asyncio.create_task(follow())
+    try:
+        await asyncio.wait_for(first.wait(), 5)
+        before = watcher.watch_polls
+        await asyncio.sleep(4.5)
+        during = watcher.watch_polls - before
+        slow[0] = False
+        await asyncio.sleep(2.5)  # the pause already begun ends first
+        before = watcher.watch_polls
+        await asyncio.sleep(1.0)
+        after = watcher.watch_polls - before
+        print(f"polls: {during} in 4.5 s while slow, {after} in 1 s after")
+        assert 1 <= during <= 3 and after >= 5
+    finally:
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+        await watcher.close()
+
+
 async def test_a_renewal_near_the_end_of_its_lease_is_refused(store):
     """Too close to the end a watcher may already have judged it lapsed: the renewal is
     refused and the sidecar registers again, a change every watcher reads."""
