@@ -45,7 +45,7 @@ test-native:
 # A bounded run of each fuzz target (native/fuzz): cargo-fuzz is installed when missing. It
 # asks rustc for nightly-only flags (the sanitizer); RUSTC_BOOTSTRAP lets the stable toolchain,
 # the only one here, take them. A crash fails the run and leaves its input in fuzz/artifacts.
-FUZZ_TARGETS := request_stream response_stream chunked
+FUZZ_TARGETS := request_stream response_stream chunked dns_query
 FUZZ_SECONDS ?= 20
 CARGO_FUZZ_VERSION := 0.13.2
 test-fuzz:

@@ -4,7 +4,8 @@ It holds what runs per request and per query; Python drives it and keeps the con
 Today: the consistent-hash tables (Maglev, ketama ring), the key hash, and HTTP/1.1 both ways:
 the request reader and the upstream head, the response reader and the client's head
 (httparse, and the framing and smuggling rules on top of it), and the per-endpoint and
-per-cluster counters and latency histograms the admin port reads.
+per-cluster counters and latency histograms the admin port reads; and the sidecar's DNS
+reply table with its batched UDP path (``recvmmsg``, answer, ``sendmmsg``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ try:
         LATENCY_BUCKETS,
         MAGLEV_DEFAULT_SIZE,
         Counters,
+        DnsTable,
+        DnsUdp,
         MaglevTable,
         RequestHead,
         RequestReader,
@@ -56,6 +59,8 @@ __all__ = [
     "BadRequest",
     "BadResponse",
     "Counters",
+    "DnsTable",
+    "DnsUdp",
     "MaglevTable",
     "RequestHead",
     "RequestReader",

@@ -4,10 +4,14 @@ Rendering a reply with dnspython costs ~350 µs; a DNS responder that does it pe
 out near 2.7k queries/s. So every reply the zone can give is rendered once per snapshot
 (:func:`build`), and per query :meth:`Answers.answer` only
 
-1. reads the 12-byte header and the question by hand,
-2. looks ``lower(qname) + qtype + qclass`` up in one dict,
+1. reads the 12-byte header and the question,
+2. looks ``lower(qname) + qtype + qclass`` up in one table,
 3. joins the query's ID, the flags (RD echoed), the counts, the query's own question bytes
    (so the client's letter case comes back, RFC 4343 §4.1) and the rendered rest.
+
+A reply that can be sent whole is answered by the native core (``mesh_native.DnsTable``,
+installed with each table); this module's own reader answers the rest: misses, truncation,
+EDNS versions, malformed queries.
 
 Truncation needs no second rendering: compression pointers only point backwards, so the
 first *k* records of a rendered reply are a valid reply too. Each entry keeps the byte offset
@@ -20,7 +24,6 @@ Names and records follow DESIGN.md §4; only ``passing`` instances are served.
 
 from __future__ import annotations
 
-import itertools
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,6 +41,7 @@ from dns.rdtypes.IN.A import A
 from dns.rdtypes.IN.AAAA import AAAA
 from dns.rdtypes.IN.SRV import SRV
 
+from mesh_native import DnsTable
 from registry.model import Instance, Snapshot
 
 # Limits, each with its reason.
@@ -196,7 +200,12 @@ class Answers:
         self._zone = zone_wire
         self._ra = RA if config.forward else 0
         self.revision = revision
-        self._fast = {key: _fast_entry(entry, self._ra) for key, entry in entries.items()}
+        # Every reply that can be sent as rendered, in the native core: the fast path of
+        # every query, and the UDP socket's batched path (sidecar/dns_server.py).
+        self.native = DnsTable(
+            [(key, list(e.rotations), e.rcode, e.counts) for key, e in entries.items()],
+            bool(self._ra),
+        )
 
     def __repr__(self) -> str:
         return (
@@ -211,34 +220,9 @@ class Answers:
 
     def answer(self, data: bytes, *, udp: bool = True) -> bytes | str | None:
         """The reply to ``data``: bytes to send, FORWARD, or None to drop it silently."""
-        # Fast path: a plain query (QR=0, opcode QUERY, one question, nothing else but
-        # maybe one OPT) for a name we have a reply for that fits whole. The key lookup
-        # also validates the name: a hit means the bytes are one of our own wire names.
-        if len(data) > 16 and not data[2] & 0xF8 and data[4:10] == b"\x00\x01\x00\x00\x00\x00":
-            end = data.find(0, 12) + 5
-            question = data[12:end]  # short when cut: then it matches no key
-            fast = self._fast.get(question.lower())
-            if fast is not None:
-                arcount = data[10:12]
-                if arcount == b"\x00\x00":
-                    if not udp or end + fast[1] <= CLASSIC_UDP_LIMIT:
-                        return b"".join((data[:2], fast[2 + (data[2] & 1)], question, fast[0]()))
-                elif (
-                    arcount == b"\x00\x01"
-                    and data[end : end + 3] == b"\x00\x00\x29"
-                    and len(data) >= end + 11
-                    # its RDATA is all there too (else FORMERR, as the general path says)
-                    and len(data) >= end + 11 + ((data[end + 9] << 8) | data[end + 10])
-                    and data[end + 6] == 0
-                ):
-                    limit = MAX_TCP_MESSAGE
-                    if udp:
-                        limit = min(max((data[end + 3] << 8) | data[end + 4], 512), MAX_UDP_PAYLOAD)
-                    if end + fast[1] + OPT_SIZE <= limit:
-                        opt = _OPT_DO if data[end + 7] & DO_BIT else _OPT_PLAIN
-                        head = fast[4 + (data[2] & 1)]
-                        return b"".join((data[:2], head, question, fast[0](), opt))
-        return self._answer(data, udp)
+        # A plain query for a name with a reply that fits whole is answered by the native
+        # table (native/src/dns): header, question, lookup, the rendered bytes.
+        return self.native.answer(data, udp) or self._answer(data, udp)
 
     def _answer(self, data: bytes, udp: bool) -> bytes | str | None:
         """Every query the fast path does not take: checks, misses, truncation."""
@@ -298,18 +282,6 @@ class Answers:
         return q.qid + struct.pack("!HHHHH", flags, 1, 0, 0, 1) + q.question + opt
 
 
-def _fast_entry(entry: Entry, ra: int) -> tuple:
-    """(next rest, len(rest), then flags + counts for RD=0, RD=1, RD=0 with OPT, RD=1 with
-    OPT). ``next rest`` is the ``__next__`` of a cycle over the rotations: one C call."""
-    an, ns, ar = entry.counts
-    heads = []
-    for opt in (0, 1):
-        for rd in (0, RD):
-            flags = QR | AA | ra | rd | entry.rcode
-            heads.append(struct.pack("!HHHHH", flags, 1, an, ns, ar + opt))
-    return (itertools.cycle(entry.rotations).__next__, len(entry.rest), *heads)
-
-
 def _cut(entry: Entry, room: int) -> tuple[bytes, int, int, int]:
     """The longest prefix of whole records that fits in ``room`` bytes."""
     best = entry.cuts[0]
@@ -326,11 +298,6 @@ def _opt(do: bool) -> bytes:
     return b"\x00" + struct.pack(
         "!HHBBBBH", TYPE_OPT, MAX_UDP_PAYLOAD, 0, 0, DO_BIT if do else 0, 0, 0
     )
-
-
-OPT_SIZE = 11
-_OPT_PLAIN = _opt(False)
-_OPT_DO = _opt(True)
 
 
 # Parsing the query by hand

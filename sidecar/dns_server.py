@@ -1,6 +1,8 @@
 """The DNS responder's I/O shell: UDP and TCP servers over a swappable answer table.
 
-Per query the UDP path is one call into :meth:`Answers.answer` and one ``sendto``. The table
+On UDP each wake-up is one call into the native core, which reads the waiting queries with
+``recvmmsg``, answers those the table holds whole and sends them with ``sendmmsg``; the rest
+come back to :meth:`Answers.answer` one by one. The table
 is rebuilt in a worker thread when a new snapshot arrives and swapped in whole; queries keep
 being answered from the old table while the new one renders.
 
@@ -21,6 +23,7 @@ import struct
 import time
 from collections.abc import Iterable, Sequence
 
+from mesh_native import DnsUdp
 from registry.model import Snapshot
 from sidecar.dns_answer import FORWARD, Answers, ZoneConfig, build, empty, servfail
 
@@ -34,8 +37,8 @@ MAX_FORWARDS = 512  # forwarded queries in flight in all; more get SERVFAIL at o
 FORWARD_UDP_TIMEOUT = 2.0  # s; Consul's recursor_timeout is 2 s
 FORWARD_DEADLINE = 4.0  # s for UDP plus the TCP retry; Docker's embedded DNS waits 4 s
 ERROR_LOG_INTERVAL = 1.0  # s; at most one log line per interval for answering errors
-UDP_BATCH = 64  # datagrams read per wake-up before other callbacks get a turn
-UDP_RECV_SIZE = 4096  # a query (header, question ≤ 259, OPT) fits; a longer datagram is read cut
+UDP_BATCH = 64  # datagrams per recvmmsg
+UDP_ROUNDS = 4  # recvmmsg calls per wake-up at most, before other callbacks get a turn
 BIND_TRIES = 8  # port 0: TCP and UDP must get the same number; retry if UDP's is taken
 
 
@@ -395,9 +398,11 @@ def _servfail_after_error(data: bytes) -> bytes | None:
 class _UdpDns:
     """One UDP socket read straight from the loop's reader callback.
 
-    Not an asyncio transport: each wake-up drains up to ``UDP_BATCH`` datagrams with
-    ``recvfrom``/``sendto`` on the non-blocking socket, which halves the per-query cost of
-    a DatagramProtocol. A reply that would block is dropped: UDP clients retry.
+    Not an asyncio transport: each wake-up hands the socket to the native core, which reads
+    up to ``UDP_BATCH`` datagrams per ``recvmmsg``, answers those the snapshot's table holds
+    whole and sends those replies with one ``sendmmsg``; the rest (misses, bad packets,
+    names to forward, replies to cut) come back here with their senders and are answered
+    one by one. A reply that would block is dropped: UDP clients retry.
     """
 
     def __init__(self, server: DnsServer, sock: socket.socket) -> None:
@@ -406,24 +411,27 @@ class _UdpDns:
         sock.setblocking(False)
         self._loop = asyncio.get_running_loop()
         self._fd = sock.fileno()
+        self._native = DnsUdp(self._fd, UDP_BATCH, UDP_ROUNDS)
         self._loop.add_reader(self._fd, self._readable)
         self.closed = False
+
+    @property
+    def answered_natively(self) -> int:
+        return self._native.answered
 
     def _readable(self) -> None:
         server = self._server
         # Bound once per wake-up: a table swapped meanwhile is used from the next one.
-        answer = server.answers.answer
-        recvfrom = self._sock.recvfrom
+        answers = server.answers
+        try:
+            rest = self._native.drain(answers.native)
+        except Exception as exc:  # nothing may escape a reader callback
+            server.errors.report(exc, None)
+            return
         sendto = self._sock.sendto
-        for _ in range(UDP_BATCH):
+        for data, addr in rest:
             try:
-                data, addr = recvfrom(UDP_RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                continue  # an ICMP error about an earlier reply: nothing to do
-            try:
-                reply = answer(data)
+                reply = answers.answer(data)
             except Exception as exc:
                 server.errors.report(exc, addr)
                 reply = _servfail_after_error(data)

@@ -126,6 +126,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RequestHead>()?;
     m.add_class::<PyResponseReader>()?;
     m.add_class::<PyResponseHead>()?;
+    m.add_class::<crate::py_dns::PyDnsTable>()?;
+    m.add_class::<crate::py_dns::PyDnsUdp>()?;
     m.add_function(wrap_pyfunction!(key_hash, m)?)?;
     m.add_function(wrap_pyfunction!(is_prime, m)?)?;
     m.add("MAGLEV_DEFAULT_SIZE", table::maglev::DEFAULT_SIZE)?;

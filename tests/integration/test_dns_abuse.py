@@ -293,7 +293,13 @@ class UdpClient(asyncio.DatagramProtocol):
             self.transport.close()
 
     async def exchange(self, packets: list[bytes], sentinels: Sentinels) -> list[bytes]:
-        """Send ``packets`` and a valid query; check every reply; the hostile ones' replies."""
+        """Send ``packets`` and a valid query; check every reply; the hostile ones' replies,
+        in the order of ``packets``.
+
+        UDP keeps no order, and the responder does not either: replies it sends from its
+        table go out before those it had to work out. So each reply is paired with its
+        query by ID (and question, when IDs repeat), as a client pairs them.
+        """
         assert self.transport is not None
         for packet in packets:
             self.transport.sendto(packet)
@@ -310,10 +316,49 @@ class UdpClient(asyncio.DatagramProtocol):
                 f"{len(replies)} replies for {len(expected)} answerable packets and a valid "
                 f"query: a reply went missing ({[p.hex() for p in packets]})"
             ) from None
-        sentinels.check(wire, replies[-1], expect)
-        for packet, reply in zip(expected, replies, strict=False):
+
+        def fits(query: bytes, reply: bytes) -> bool:
+            try:
+                parsed = check_reply(query, reply)
+                if query is wire:
+                    expect(parsed, udp=True)
+            except Exception:
+                return False
+            return True
+
+        paired = pair_replies([*expected, wire], replies, fits)
+        sentinels.check(wire, paired[-1], expect)
+        for packet, reply in zip(expected, paired[:-1], strict=True):
             check_reply(packet, reply)
-        return replies[:-1]
+        return paired[:-1]
+
+
+def pair_replies(queries: list[bytes], replies: list[bytes], fits) -> list[bytes]:
+    """Each query's reply, as a client pairs them: a one-to-one matching in which every
+    reply ``fits`` its query (its ID, and everything check_reply asks). When there is none,
+    the pairing by ID alone, so that the checks after it say what is wrong."""
+    ok = [[fits(q, r) for r in replies] for q in queries]
+    owner: dict[int, int] = {}  # reply index -> query index
+
+    def augment(qi: int, seen: set[int]) -> bool:  # Kuhn's augmenting path
+        for ri in range(len(replies)):
+            if ok[qi][ri] and ri not in seen:
+                seen.add(ri)
+                if ri not in owner or augment(owner[ri], seen):
+                    owner[ri] = qi
+                    return True
+        return False
+
+    if all(augment(qi, set()) for qi in range(len(queries))):
+        by_query = {qi: ri for ri, qi in owner.items()}
+        return [replies[by_query[qi]] for qi in range(len(queries))]
+    left = list(replies)
+    paired = []
+    for query in queries:
+        reply = next((r for r in left if r[:2] == query[:2]), left[0])
+        left.remove(reply)
+        paired.append(reply)
+    return paired
 
 
 class TcpClient:
@@ -906,6 +951,7 @@ class _Faulty:
 
     def __init__(self, answers) -> None:
         self._answers = answers
+        self.native = answers.native  # the poison is in no table: it reaches answer()
 
     def answer(self, data: bytes, *, udp: bool = True):
         if b"\x06poison" in data:

@@ -438,3 +438,100 @@ async def test_a_forwarding_loop_is_cut_short():
         await asyncio.gather(*protocol.tasks, return_exceptions=True)
         relay.close()
         await s.close()
+
+
+BURST = 100
+
+
+async def test_a_batch_of_good_bad_and_forwarded_queries_gets_every_reply_right():
+    """300 datagrams, sent 100 at a time before the server reads one (a burst that fits the
+    default socket buffer), so they are read in batches: fast
+    answers in both letter cases, with and without EDNS, names that miss, names to
+    forward, and broken packets. Every query that deserves a reply gets exactly one, with
+    its own ID and its own question; the broken ones get FORMERR or NOTIMP, or nothing when
+    shorter than a header."""
+    upstream = DnsServer(ZoneConfig(domain="up.test"))
+    await upstream.start([("127.0.0.1", 0)])
+    s = await serve(upstream=upstream.addresses[0])
+    host, port = s.addresses[0]
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.setblocking(False)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    rng = random.Random(7)
+    expect: dict[int, tuple[str, str]] = {}  # id → (question text, what the reply must be)
+    sent = []
+    ids = rng.sample(range(1, 65536), 300)
+    names = ["w1.web.service.mesh.", "W2.WEB.Service.Mesh.", "_web._tcp.service.mesh."]
+    for n, qid in enumerate(ids):
+        kind = n % 6
+        if kind in (0, 1):  # fast, plain or with EDNS
+            name = names[n % 3]
+            rdtype = "SRV" if name.startswith("_") else "A"
+            q = dns.message.make_query(name, rdtype, use_edns=0 if kind else False)
+            q.id = qid
+            wire, want = q.to_wire(), "answer"
+        elif kind == 2:  # in the zone, no such name
+            q = dns.message.make_query(f"n{n}.web.service.mesh.", "A")
+            q.id = qid
+            wire, want = q.to_wire(), "NXDOMAIN"
+        elif kind == 3:  # forwarded to the upstream, which answers NXDOMAIN
+            q = dns.message.make_query(f"f{n}.up.test.", "A")
+            q.id = qid
+            wire, want = q.to_wire(), "NXDOMAIN"
+        elif kind == 4:  # a broken question, or another opcode
+            wire = struct.pack("!HHHHHH", qid, 0, 1, 0, 0, 0) + b"\x05abc"
+            want = "FORMERR"
+            if n % 12 == 10:
+                wire = struct.pack("!HHHHHH", qid, 0x1000, 1, 0, 0, 0) + b"\x00\x00\x01\x00\x01"
+                want = "NOTIMP"
+        else:  # shorter than a header: dropped
+            wire, want = struct.pack("!H", qid) + b"\x00" * 5, "nothing"
+        expect[qid] = (wire, want)
+        sent.append(wire)
+    try:
+        replies: dict[int, list[bytes]] = {}
+        loop = asyncio.get_running_loop()
+        for burst in range(0, len(sent), BURST):
+            # Queued before the server's reader runs, so that it reads them in batches.
+            for wire in sent[burst : burst + BURST]:
+                client.sendto(wire, (host, port))
+            deadline = loop.time() + 1.5
+            while loop.time() < deadline:
+                try:
+                    data = client.recv(4096)
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+                    continue
+                replies.setdefault(struct.unpack("!H", data[:2])[0], []).append(data)
+        wrong = []
+        for qid, (wire, want) in expect.items():
+            got = replies.get(qid, [])
+            if want == "nothing":
+                if got:
+                    wrong.append((qid, want, got))
+                continue
+            if len(got) != 1:
+                wrong.append((qid, want, len(got)))
+                continue
+            if want in ("FORMERR", "NOTIMP"):
+                code = struct.unpack("!H", got[0][2:4])[0] & 0xF
+                if code != dns.rcode.from_text(want):
+                    wrong.append((qid, want, code))
+                continue
+            q, r = dns.message.from_wire(wire), dns.message.from_wire(got[0])
+            same_question = [str(x.name) for x in r.question] == [str(x.name) for x in q.question]
+            ok = (
+                r.rcode() == dns.rcode.NOERROR and r.answer
+                if want == "answer"
+                else (r.rcode() == dns.rcode.NXDOMAIN)
+            )
+            if not (r.id == qid and same_question and ok):
+                wrong.append((qid, want, r.to_text()))
+        native = sum(u.answered_natively for u in s._udp)
+        print(f"{len(sent)} datagrams: {len(replies)} ids answered, {native} natively")
+        assert wrong == []
+        assert native == sum(1 for _, want in expect.values() if want == "answer")
+    finally:
+        client.close()
+        await s.close()
+        await upstream.close()
