@@ -1,4 +1,4 @@
-"""``make perf``: mesh measured beside nginx, HAProxy and dnsmasq, one table of ratios.
+"""``make perf``: mesh measured beside nginx, HAProxy, dnsmasq and unbound, one table of ratios.
 
     .venv/bin/python -m perf [--quick] [--out perf/RESULTS.md]
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mesh import runtime
 
-DEBIAN_TOOLS = {"nginx": "nginx-light", "haproxy": "haproxy", "dnsmasq": "dnsmasq-base", "wrk": "wrk", "dnsperf": "dnsperf"}
+DEBIAN_TOOLS = {"nginx": "nginx-light", "haproxy": "haproxy", "dnsmasq": "dnsmasq-base", "unbound": "unbound", "wrk": "wrk", "dnsperf": "dnsperf"}
 
 
 @dataclass
@@ -180,7 +180,7 @@ def machine() -> str:
             versions.append(f"{pkg} {importlib.metadata.version(pkg)}")
         except importlib.metadata.PackageNotFoundError:
             pass
-    for tool, flag in (("nginx", "-v"), ("haproxy", "-v"), ("dnsmasq", "--version"), ("wrk", "--version")):
+    for tool, flag in (("nginx", "-v"), ("haproxy", "-v"), ("dnsmasq", "--version"), ("unbound", "-V"), ("wrk", "--version")):
         exe = shutil.which(tool) or (f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None)
         if exe:
             out = subprocess.run([exe, flag], capture_output=True, text=True)

@@ -1,13 +1,18 @@
-"""The sidecar's DNS responder beside dnsmasq: SRV queries/s with dnsperf, same records.
+"""The sidecar's DNS responder beside dnsmasq and unbound: queries/s, CPU and p99 per query.
 
     .venv/bin/python -m perf.dns_bench [--quick] [--rounds N] [--seconds S] [--instances N]
 
-Both servers serve ``_web._tcp.service.mesh`` SRV (with the targets' A records) and are
-pinned to the same core (``taskset -c 0``); dnsperf runs on the other core. Rounds
-alternate mesh / dnsmasq so that drift on the machine hits both alike; the figure is the
-median of the rounds. Needs root for apt (dnsmasq-base, dnsperf) when they are missing.
+Each server serves the same records (``_web._tcp.service.mesh`` SRV with the targets' A
+records, and each target's A) and is pinned to the same core (``taskset -c 0``); dnsperf
+runs on the other core. unbound serves them as a local zone (``local-data``). Every round
+starts the three servers and runs each query type at each load (queries in flight) against
+each of them in turn, so that drift on the machine hits all alike; a figure is the median of
+the rounds. CPU per query is the server process's user and system time over the queries
+it answered; p99 comes from a second, shorter dnsperf run that reports every query's
+latency (``-v``), which slows dnsperf, so that run's rate is not used.
 
-Run by ``python -m perf`` as the ``dns`` section (``rows(quick)``), or alone.
+Run by ``python -m perf`` as the ``dns`` section (``rows(quick)``), or alone. Needs root for
+apt (dnsmasq-base, unbound, dnsperf) when they are missing.
 """
 
 from __future__ import annotations
@@ -24,14 +29,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
 QPS = re.compile(r"Queries per second:\s+([\d.]+)")
 LOST = re.compile(r"Queries lost:\s+(\d+)")
+COMPLETED = re.compile(r"Queries completed:\s+(\d+)")
 NAME = "_web._tcp.service.mesh"
-TOOLS = {"dnsmasq": "dnsmasq-base", "dnsperf": "dnsperf"}
+QUERIES = {"SRV": f"{NAME} SRV", "A": "w1.web.service.mesh A"}
+LOADS = (10, 200)  # queries in flight
+SERVERS = ("mesh", "dnsmasq", "unbound")
+TOOLS = {"dnsmasq": "dnsmasq-base", "unbound": "unbound", "dnsperf": "dnsperf"}
+LATENCY_SECONDS = 2.0
 
 
 def ensure_tools() -> None:
@@ -74,7 +85,7 @@ def _free_udp_port() -> socket.socket:
     raise RuntimeError("no port free for both UDP and TCP")
 
 
-# The two servers
+# The servers
 
 
 def _pin(argv: list[str], core: str) -> list[str]:
@@ -110,6 +121,29 @@ def start_dnsmasq(n: int, port: int, workdir: Path) -> subprocess.Popen:
     )  # fmt: skip
 
 
+def start_unbound(n: int, port: int, workdir: Path) -> subprocess.Popen:
+    conf = workdir / "unbound.conf"
+    lines = [
+        "server:",
+        f"  interface: 127.0.0.1@{port}", "  port: " + str(port), "  num-threads: 1",
+        "  do-ip6: no", "  do-daemonize: no", "  username: \"\"", "  chroot: \"\"",
+        "  pidfile: \"\"", "  use-syslog: no", "  logfile: \"\"", "  verbosity: 0",
+        "  access-control: 127.0.0.0/8 allow", "  so-reuseport: no",
+        "  local-zone: \"mesh.\" static",  # answered here, never recursed
+    ]  # fmt: skip
+    for name, address, p in _instances(n):
+        target = f"{name}.web.service.mesh."
+        lines.append(f'  local-data: "{NAME}. 5 IN SRV 1 100 {p} {target}"')
+        lines.append(f'  local-data: "{target} 5 IN A {address}"')
+    conf.write_text("\n".join(lines) + "\n")
+    unbound = _which("unbound")
+    assert unbound
+    return subprocess.Popen(
+        _pin([unbound, "-d", "-c", str(conf)], SERVER_CORE),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
 def wait_answering(port: int, timeout: float = 10.0) -> None:
     import dns.message
     import dns.query
@@ -127,81 +161,141 @@ def wait_answering(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"no DNS answer on port {port}")
 
 
-def dnsperf(port: int, seconds: float, queryfile: Path) -> tuple[float, int]:
+@dataclass
+class Run:
+    """One dnsperf run against one server: its rate and the server's CPU over it."""
+
+    qps: float
+    lost: int
+    user_us: float  # per answered query
+    sys_us: float
+
+
+@dataclass
+class Figures:
+    runs: list[Run] = field(default_factory=list)
+    p99_ms: list[float] = field(default_factory=list)
+
+    def median(self, what: str) -> float:
+        if what == "p99_ms":
+            return statistics.median(self.p99_ms)
+        return statistics.median(getattr(r, what) for r in self.runs)
+
+    def cpu_us(self) -> float:
+        return statistics.median(r.user_us + r.sys_us for r in self.runs)
+
+
+def dnsperf(
+    port: int, seconds: float, queryfile: Path, inflight: int, *, verbose: bool = False
+) -> tuple[str, float, int, int]:
     argv = [
         "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queryfile),
-        "-l", str(seconds), "-c", "8", "-q", "200", "-t", "2",
+        "-l", str(seconds), "-c", "8" if inflight >= 8 else "1", "-q", str(inflight), "-t", "2",
     ]  # fmt: skip
+    if verbose:
+        argv.append("-v")
     out = subprocess.run(_pin(argv, CLIENT_CORE), capture_output=True, text=True, check=True).stdout
-    qps = QPS.search(out)
-    lost = LOST.search(out)
-    if not qps:
-        raise RuntimeError(f"dnsperf printed no rate:\n{out}")
-    return float(qps.group(1)), int(lost.group(1)) if lost else 0
+    qps, lost, done = QPS.search(out), LOST.search(out), COMPLETED.search(out)
+    if not qps or not done:
+        raise RuntimeError(f"dnsperf printed no rate:\n{out[-2000:]}")
+    return out, float(qps.group(1)), int(lost.group(1)) if lost else 0, int(done.group(1))
 
 
-def bench(*, rounds: int, seconds: float, instances: int) -> dict[str, object]:
+def measure(pid: int, port: int, seconds: float, queryfile: Path, inflight: int) -> Run:
+    u0, s0 = _cpu_seconds(pid)
+    _, qps, lost, done = dnsperf(port, seconds, queryfile, inflight)
+    u1, s1 = _cpu_seconds(pid)
+    per = 1e6 / max(1, done)
+    return Run(qps, lost, (u1 - u0) * per, (s1 - s0) * per)
+
+
+def p99_ms(port: int, queryfile: Path, inflight: int, seconds: float) -> float:
+    out, *_ = dnsperf(port, seconds, queryfile, inflight, verbose=True)
+    latencies = sorted(_latency(line) for line in out.splitlines() if line.startswith("> "))
+    if not latencies:
+        raise RuntimeError("dnsperf -v reported no latency")
+    return latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1e3
+
+
+def _latency(line: str) -> float:
+    """``> NOERROR name TYPE 0.000123``; a query that timed out (``> T name TYPE``) counts as
+    dnsperf's timeout."""
+    try:
+        return float(line.rsplit(None, 1)[1])
+    except ValueError:
+        return 2.0
+
+
+def _start(kind: str, instances: int, work: Path) -> tuple[subprocess.Popen, int]:
+    sock = _free_udp_port()
+    port = sock.getsockname()[1]
+    if kind == "mesh":
+        proc = start_mesh(instances, sock)
+        sock.close()
+    else:
+        sock.close()  # the server binds by itself; the port was free a moment ago
+        start = start_dnsmasq if kind == "dnsmasq" else start_unbound
+        proc = start(instances, port, work)
+    try:
+        wait_answering(port)
+    except RuntimeError:
+        proc.kill()
+        err = proc.communicate()[1] or b""
+        raise RuntimeError(f"{kind} did not answer: {err.decode()[-500:]}") from None
+    return proc, port
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def bench(*, rounds: int, seconds: float, instances: int) -> dict[tuple[str, str, int], Figures]:
+    """Figures by (server, query type, queries in flight)."""
     ensure_tools()
     work = Path(tempfile.mkdtemp(prefix="mesh-dnsbench-"))
-    queryfile = work / "queries"
-    queryfile.write_text(f"{NAME} SRV\n")
-    mesh_qps: list[float] = []
-    peer_qps: list[float] = []
-    mesh_cpu: list[float] = []
-    peer_cpu: list[float] = []
+    files = {}
+    for qtype, line in QUERIES.items():
+        files[qtype] = work / f"queries-{qtype}"
+        files[qtype].write_text(line + "\n")
+    figures: dict[tuple[str, str, int], Figures] = {}
     try:
         for _ in range(rounds):
-            for kind in ("mesh", "dnsmasq"):
-                sock = _free_udp_port()
-                port = sock.getsockname()[1]
-                if kind == "mesh":
-                    proc = start_mesh(instances, sock)
-                    sock.close()
-                else:
-                    sock.close()  # dnsmasq binds by itself; the port was free a moment ago
-                    proc = start_dnsmasq(instances, port, work)
-                try:
-                    try:
-                        wait_answering(port)
-                    except RuntimeError:
-                        proc.kill()
-                        err = proc.communicate()[1] or b""
-                        raise RuntimeError(
-                            f"{kind} did not answer: {err.decode()[-500:]}"
-                        ) from None
-                    cpu0 = _cpu_seconds(proc.pid)
-                    qps, lost = dnsperf(port, seconds, queryfile)
-                    cpu = (_cpu_seconds(proc.pid) - cpu0) / max(1.0, qps * seconds) * 1e6
-                finally:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(5)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
-                (mesh_qps if kind == "mesh" else peer_qps).append(qps)
-                (mesh_cpu if kind == "mesh" else peer_cpu).append(cpu)
-                print(
-                    f"dns_bench: {kind:8s} {qps:10,.0f} q/s  {cpu:5.2f} µs CPU/query (lost {lost})",
-                    file=sys.stderr,
-                )
+            servers = {}
+            try:
+                for kind in SERVERS:
+                    servers[kind] = _start(kind, instances, work)
+                for qtype, queryfile in files.items():
+                    for inflight in LOADS:
+                        for kind, (proc, port) in servers.items():
+                            fig = figures.setdefault((kind, qtype, inflight), Figures())
+                            run = measure(proc.pid, port, seconds, queryfile, inflight)
+                            fig.runs.append(run)
+                            fig.p99_ms.append(p99_ms(port, queryfile, inflight, LATENCY_SECONDS))
+                            print(
+                                f"dns_bench: {kind:8s} {qtype:3s} {inflight:3d} in flight "
+                                f"{run.qps:9,.0f} q/s  {run.user_us:5.2f} user + "
+                                f"{run.sys_us:5.2f} sys µs/query  p99 {fig.p99_ms[-1]:.3f} ms "
+                                f"(lost {run.lost})",
+                                file=sys.stderr,
+                            )
+            finally:
+                for proc, _ in servers.values():
+                    _stop(proc)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    mesh, peer = statistics.median(mesh_qps), statistics.median(peer_qps)
-    return {
-        "mesh": mesh,
-        "dnsmasq": peer,
-        "ratio": mesh / peer,
-        "rounds": rounds,
-        "mesh_cpu_us": statistics.median(mesh_cpu),
-        "dnsmasq_cpu_us": statistics.median(peer_cpu),
-    }
+    return figures
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (taskset execs the server: same pid)."""
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time of a process (taskset execs the server: same pid)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 # The mesh side: the sidecar's DNS server alone, on the socket it was handed.
@@ -230,33 +324,39 @@ async def serve(fd: int, n: int) -> None:
 def rows(quick: bool) -> list:
     from perf.__main__ import Row
 
-    out = bench(rounds=1 if quick else 5, seconds=3 if quick else 10, instances=3)
-    return [
-        Row(
-            "DNS SRV queries/s, one core (dnsperf)",
-            out["mesh"],
-            out["dnsmasq"],
-            "dnsmasq",
-            "≥ 1.0×",
-            "q/s",
-            note=f"median of {out['rounds']} interleaved rounds",
-        ),
-        Row(
-            "DNS server CPU per SRV query (user + system)",
-            out["mesh_cpu_us"],
-            out["dnsmasq_cpu_us"],
-            "dnsmasq",
-            "≤ 1.0×",
-            "µs",
-        ),
-    ]
+    rounds = 1 if quick else 3
+    figs = bench(rounds=rounds, seconds=2 if quick else 5, instances=3)
+    out = []
+    for qtype in QUERIES:
+        for inflight in LOADS:
+            mesh = figs[("mesh", qtype, inflight)]
+            what = f"DNS {qtype}, {inflight} in flight"
+            for peer in ("dnsmasq", "unbound"):
+                other = figs[(peer, qtype, inflight)]
+                target = peer == "dnsmasq"
+                # With few queries in flight dnsperf sends far slower than the servers'
+                # latency allows (at 1 in flight: 10 to 34 q/s, at 0.2 to 0.5 ms each), so
+                # the rate there is the load generator's; CPU per query and p99 are the
+                # servers'.
+                paced = " (dnsperf's pace, not the server's)" if inflight < 100 else ""
+                out += [
+                    Row(f"{what}: queries/s (dnsperf)", mesh.median("qps"), other.median("qps"), peer,
+                        "≥ 1.0×" if target and not paced else "", "q/s",
+                        note=f"median of {rounds} rounds{paced}"),
+                    Row(f"{what}: server CPU per query (user + system)", mesh.cpu_us(), other.cpu_us(), peer,
+                        "≤ 0.75×" if target else "", "µs",
+                        note=f"mesh {mesh.median('user_us'):.2f} + {mesh.median('sys_us'):.2f}, "
+                        f"{peer} {other.median('user_us'):.2f} + {other.median('sys_us'):.2f}"),
+                    Row(f"{what}: p99 latency", mesh.median("p99_ms"), other.median("p99_ms"), peer, "", "ms"),
+                ]  # fmt: skip
+    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m perf.dns_bench")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--instances", type=int, default=3)
     p.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -265,14 +365,20 @@ def main() -> int:
 
         uvloop.run(serve(a.serve, a.instances))
         return 0
-    rounds, seconds = (1, 3.0) if a.quick else (a.rounds, a.seconds)
-    out = bench(rounds=rounds, seconds=seconds, instances=a.instances)
+    rounds, seconds = (1, 2.0) if a.quick else (a.rounds, a.seconds)
+    figs = bench(rounds=rounds, seconds=seconds, instances=a.instances)
     print(
-        f"SRV {NAME} ({a.instances} instances): mesh {out['mesh']:,.0f} q/s, "
-        f"dnsmasq {out['dnsmasq']:,.0f} q/s, ratio {out['ratio']:.2f}x "
-        f"(median of {out['rounds']} interleaved rounds, both on core {SERVER_CORE}); "
-        f"CPU per query: mesh {out['mesh_cpu_us']:.2f} µs, dnsmasq {out['dnsmasq_cpu_us']:.2f} µs"
+        f"{a.instances} instances, median of {rounds} rounds of {seconds:g} s, every server "
+        f"on core {SERVER_CORE}, dnsperf on core {CLIENT_CORE}"
     )
+    print("server   type in-flight       q/s   user µs  sys µs  CPU µs/q  p99 ms  CPU vs dnsmasq")
+    for (kind, qtype, inflight), f in sorted(figs.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+        base = figs[("dnsmasq", qtype, inflight)].cpu_us()
+        print(
+            f"{kind:8s} {qtype:4s} {inflight:9d} {f.median('qps'):9,.0f} {f.median('user_us'):9.2f} "
+            f"{f.median('sys_us'):7.2f} {f.cpu_us():9.2f} {f.median('p99_ms'):7.3f} "
+            f"{f.cpu_us() / base:10.2f}x"
+        )
     return 0
 
 
