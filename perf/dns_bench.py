@@ -112,13 +112,7 @@ def start_dnsmasq(n: int, port: int, workdir: Path) -> subprocess.Popen:
         target = f"{name}.web.service.mesh"
         lines.append(f"srv-host={NAME},{target},{p},1,100")
         lines.append(f"host-record={target},{address}")
-    conf.write_text("\n".join(lines) + "\n")
-    dnsmasq = _which("dnsmasq")
-    assert dnsmasq
-    return subprocess.Popen(
-        _pin([dnsmasq, f"--conf-file={conf}", "--user=root"], SERVER_CORE),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    return _spawn("dnsmasq", conf, lines, [f"--conf-file={conf}", "--user=root"])
 
 
 def start_unbound(n: int, port: int, workdir: Path) -> subprocess.Popen:
@@ -135,13 +129,17 @@ def start_unbound(n: int, port: int, workdir: Path) -> subprocess.Popen:
         target = f"{name}.web.service.mesh."
         lines.append(f'  local-data: "{NAME}. 5 IN SRV 1 100 {p} {target}"')
         lines.append(f'  local-data: "{target} 5 IN A {address}"')
+    return _spawn("unbound", conf, lines, ["-d", "-c", str(conf)])
+
+
+def _spawn(tool: str, conf: Path, lines: list[str], args: list[str]) -> subprocess.Popen:
+    """Write ``conf`` and start ``tool`` with it on the server core."""
     conf.write_text("\n".join(lines) + "\n")
-    unbound = _which("unbound")
-    assert unbound
+    exe = _which(tool)
+    assert exe
     return subprocess.Popen(
-        _pin([unbound, "-d", "-c", str(conf)], SERVER_CORE),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        _pin([exe, *args], SERVER_CORE), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
 
 
 def wait_answering(port: int, timeout: float = 10.0) -> None:
