@@ -30,6 +30,7 @@ from mesh.config import (
 from registry.errors import InvalidInstance
 from registry.model import DEFAULT_WEIGHT, MAX_WEIGHT, Instance, check_label
 from registry.store import CHANGE_FEEDS, DEFAULT_URL, RegistryStore
+from sidecar import admin
 from sidecar.addresses import advertise_address
 from sidecar.agent import EXIT_ABORTED, Agent, AgentConfig
 from sidecar.dns_answer import ZoneConfig
@@ -113,6 +114,7 @@ OPTIONS = (
     Option("domain", _domain, "mesh", "DNS domain of the mesh", metavar="D"),
     Option("dns-ttl", integer(0, 86400), 5, "TTL of DNS answers", metavar="S"),
     Option("upstream", _upstream, None, "resolver for names outside the domain, or none (default: the first nameserver of /etc/resolv.conf that is not this sidecar)", metavar="HOST:PORT"),
+    Option("admin", host_port, ("127.0.0.1", 9902), "admin address: /healthz /metrics /dns", metavar="HOST:PORT"),
     Option("mongo-url", text, DEFAULT_URL, "registry MongoDB URL", metavar="URL"),
     Option("change-feed", choice(*CHANGE_FEEDS), "auto", "how registry changes reach this process: change streams (replica set), polling the revision counter, or auto"),
 )  # fmt: skip
@@ -189,8 +191,19 @@ async def _main(
             log.info("names outside %s. are refused (no upstream)", zone.domain)
         else:
             log.info("names outside %s. go to upstream=%s", zone.domain, format_host_port(upstream))
+        try:
+            admin_sock = admin.bind(*values["admin"])
+        except OSError as exc:
+            where = format_host_port(values["admin"])
+            print(f"mesh sidecar: error: --admin {where}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_USAGE
         agent = Agent(store, config, dns=server)
-        code = await agent.run()
+        runner = await admin.start_admin(admin.make_app(agent, server), admin_sock)
+        log.info("listening admin=%s", format_host_port(admin_sock.getsockname()[:2]))
+        try:
+            code = await agent.run()
+        finally:
+            await runner.cleanup()
         if code == EXIT_ABORTED:
             # A second signal: leave now, without waiting for anything (the lease runs out).
             sys.stderr.flush()

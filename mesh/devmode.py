@@ -119,6 +119,11 @@ class Peer:
         assert self.sidecar is not None
         return self.sidecar.listening["dns"]
 
+    @property
+    def admin(self) -> tuple[str, int]:
+        assert self.sidecar is not None
+        return self.sidecar.listening["admin"]
+
 
 @dataclass
 class DevMesh:
@@ -181,12 +186,12 @@ class DevMesh:
                     "--check", "http:/healthz", "--check-interval", str(self.check_interval),
                     "--check-timeout", str(self.check_interval), "--rise", "1", "--fall", "2",
                     "--lease-ttl", "3", "--drain", "0", "--dns-ttl", "1",
-                    "--dns-listen", f"127.0.0.1:{dns_port}", "--upstream", "none",
+                    "--dns-listen", f"127.0.0.1:{dns_port}", "--admin", "127.0.0.1:0", "--upstream", "none",
                     "--mongo-url", self.url,
                 ),
                 self._workdir,
             )  # fmt: skip
-            peer.sidecar.start(["dns"])
+            peer.sidecar.start(["dns", "admin"])
         self.lb = Child(
             "lb",
             self._mesh(

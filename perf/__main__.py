@@ -109,8 +109,14 @@ def registry_rows(quick: bool) -> list[Row]:
     # renewals fall behind and leases lapse): run by hand, see README's registry section.
     fleets = [(100, 3)] if quick else [(1000, 20), (1000, 100), (3000, 20)]
     for instances, watchers in fleets:
-        f = runtime.run(fleet(instances, watchers, 4.0 if quick else 20.0))
         at = f"N={instances:,} W={watchers}"
+        try:
+            f = runtime.run(fleet(instances, watchers, 4.0 if quick else 20.0))
+        except TimeoutError:
+            # Past the embedded server's limit a watcher can miss a change for its whole
+            # 30 s wait; that is the figure, not a reason to drop the rest of the run.
+            rows.append(Row(f"fleet {at}: a watcher missed a change for 30 s (embedded server saturated)", None, None, "", "", ""))
+            continue
         rows += [
             Row(f"fleet {at}: renewals/s done (needed {f['renewals_needed_per_s']:,.0f})", f["renewals_per_s"], None, "", "= needed", "1/s"),
             Row(f"fleet {at}: leases that lapsed while renewing (registered again)", f["renewals_lost"], None, "", "0", ""),

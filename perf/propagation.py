@@ -66,7 +66,7 @@ async def registration(count: int) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="mesh-perf-"))
     mesh = [sys.executable, "-m", "mesh"]
     sidecar = Child("sidecar", [*mesh, "sidecar", "--service", "anchor", "--port", "1", "--check", "none",
-                                "--address", "127.0.0.1", "--dns-listen", "127.0.0.1:0", "--upstream", "none",
+                                "--address", "127.0.0.1", "--dns-listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--upstream", "none",
                                 "--mongo-url", url], work)  # fmt: skip
     lb = Child("lb", [*mesh, "lb", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--service", "prop",
                       "--mongo-url", url], work)  # fmt: skip

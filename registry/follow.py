@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -70,6 +71,7 @@ class Follower:
         self.connected = False
         self.snapshot: Snapshot | None = None
         self.snapshots = 0
+        self.snapshot_at: float | None = None  # time.monotonic() of the last one shown
         self.failures = 0
         self.first = asyncio.Event()
         self._held: Snapshot | None = None  # what was shown when the registry went away
@@ -156,6 +158,7 @@ class Follower:
     async def _show(self, snap: Snapshot) -> None:
         self.snapshot = snap
         self.snapshots += 1
+        self.snapshot_at = time.monotonic()
         result = self._on_snapshot(snap)
         if result is not None:
             await result

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import random
 import signal
+from collections import Counter
 from dataclasses import dataclass
 
 from registry.errors import RegistryError, RegistryUnavailable
@@ -74,6 +75,9 @@ class Agent:
         self._abort = asyncio.Event()
         self._drain_requested = False
         self._last_error = ""
+        # What the admin port counts: renewals by outcome, probes by result.
+        self.renewals: Counter[str] = Counter()
+        self.probes: Counter[str] = Counter()
 
     def __repr__(self) -> str:
         return f"<Agent {self.instance.id} {self.lifecycle!r} {self.thresholds!r}>"
@@ -107,6 +111,7 @@ class Agent:
             if self.follower is not None:
                 tasks.append(asyncio.create_task(self.follower.run(), name="follower"))
             first = await self.prober.probe()
+            self.probes["pass" if first.ok else "fail"] += 1
             status = self.thresholds.record(first.ok)
             assert status is not None
             self._log_probe(status, first.reason)
@@ -141,6 +146,7 @@ class Agent:
             started = loop.time()
             await asyncio.sleep(max(0.0, started + interval - loop.time()))
             result = await self.prober.probe()
+            self.probes["pass" if result.ok else "fail"] += 1
             changed = self.thresholds.record(result.ok)
             if changed is not None and self.lifecycle is not None:
                 self._log_probe(changed, result.reason)
@@ -166,6 +172,8 @@ class Agent:
                         await self._wake.wait()
                 continue
             outcome = await self._do(action)
+            if action.do is Do.RENEW:
+                self.renewals[outcome.value] += 1
             for event in lc.done(action, outcome, loop.time()):
                 self._log_event(event)
 

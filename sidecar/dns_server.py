@@ -21,6 +21,7 @@ import random
 import socket
 import struct
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from mesh_native import DnsUdp
@@ -64,6 +65,44 @@ class _ErrorLog:
         log.error("dns: answering a query from %s failed: %r; sent SERVFAIL%s", peer, exc, more)
         self._quiet = 0
         self._next = now + ERROR_LOG_INTERVAL
+
+
+def question_type(data: bytes) -> int | None:
+    """The question's type as the fast path reads it: the two bytes after the first zero
+    byte past the header (None when the datagram ends first)."""
+    end = data.find(0, 12)
+    return None if end < 0 or end + 3 > len(data) else (data[end + 1] << 8) | data[end + 2]
+
+
+# Question types counted by name; any other is counted as "other" (a peer choosing the
+# type must not choose how many series the metrics have).
+COUNTED_TYPES = frozenset({1, 2, 5, 6, 12, 13, 15, 16, 28, 33, 64, 65, 252, 255})
+OTHER_TYPE = -1
+
+
+class QueryCounts:
+    """What the responder did with the queries answered in Python (the native path counts
+    its own): answered by (transport, type, rcode), and forwarded, dropped, truncated by
+    transport."""
+
+    def __init__(self) -> None:
+        self.answered: Counter[tuple[str, int | None, int]] = Counter()
+        self.forwarded: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
+        self.truncated: Counter[str] = Counter()
+
+    def record(self, transport: str, data: bytes, reply: bytes | str | None) -> None:
+        if reply is None:
+            self.dropped[transport] += 1
+        elif reply is FORWARD:
+            self.forwarded[transport] += 1
+        elif len(reply) >= 4:
+            qtype = question_type(data)
+            if qtype is not None and qtype not in COUNTED_TYPES:
+                qtype = OTHER_TYPE
+            self.answered[(transport, qtype, reply[3] & 0x0F)] += 1  # type: ignore[index]
+            if reply[2] & 0x02:
+                self.truncated[transport] += 1
 
 
 class Forwarder:
@@ -247,6 +286,8 @@ class DnsServer:
         self.addresses: list[tuple[str, int]] = []
         self.errors = _ErrorLog()
         self.rebuilds = 0
+        self.rebuild_seconds = 0.0  # in all, rendering tables off the loop
+        self.counts = QueryCounts()
         self.started = asyncio.Event()
         self._udp: list[_UdpDns] = []
         self._servers: list[asyncio.Server] = []
@@ -264,6 +305,19 @@ class DnsServer:
         """TCP connections open and counted against ``MAX_TCP_CONNECTIONS``."""
         return len(self._tcp)
 
+    def query_counts(self) -> QueryCounts:
+        """Every query's outcome so far: the Python path's and each UDP socket's native one."""
+        total = QueryCounts()
+        ours = self.counts
+        total.answered.update(ours.answered)
+        total.forwarded.update(ours.forwarded)
+        total.dropped.update(ours.dropped)
+        total.truncated.update(ours.truncated)
+        for udp in self._udp:
+            for qtype, rcode, n in udp.native_counts():
+                total.answered[("udp", qtype, rcode)] += n
+        return total
+
     # Snapshots
 
     def update(self, snapshot: Snapshot) -> None:
@@ -275,11 +329,13 @@ class DnsServer:
     async def _rebuild(self) -> None:
         while self._pending is not None:
             snapshot, self._pending = self._pending, None
+            started = time.perf_counter()
             try:
                 answers = await asyncio.to_thread(build, snapshot, self.config, self.answers)
             except Exception:
                 log.exception("dns: could not render revision %s", snapshot.revision)
                 continue
+            self.rebuild_seconds += time.perf_counter() - started
             self.answers = answers
             self.rebuilds += 1
 
@@ -419,6 +475,9 @@ class _UdpDns:
     def answered_natively(self) -> int:
         return self._native.answered
 
+    def native_counts(self) -> list[tuple[int, int, int]]:
+        return self._native.counts()
+
     def _readable(self) -> None:
         server = self._server
         # Bound once per wake-up: a table swapped meanwhile is used from the next one.
@@ -429,12 +488,14 @@ class _UdpDns:
             server.errors.report(exc, None)
             return
         sendto = self._sock.sendto
+        record = server.counts.record
         for data, addr in rest:
             try:
                 reply = answers.answer(data)
             except Exception as exc:
                 server.errors.report(exc, addr)
                 reply = _servfail_after_error(data)
+            record("udp", data, reply)
             if reply is None:
                 continue
             if reply is FORWARD:
@@ -575,6 +636,7 @@ class _TcpDns(asyncio.Protocol):
         except Exception as exc:
             server.errors.report(exc, self._peer)
             reply = _servfail_after_error(data)
+        server.counts.record("tcp", data, reply)
         if reply is None:
             return
         if reply is FORWARD:

@@ -71,6 +71,8 @@ pub struct PyDnsUdp {
     handed_back: u64,
     #[pyo3(get)]
     unsent: u64,
+    /// Replies sent from the table, by (question type, rcode): the types the table holds.
+    by_type: Vec<(u16, u8, u64)>,
 }
 
 #[pymethods]
@@ -92,7 +94,13 @@ impl PyDnsUdp {
             answered: 0,
             handed_back: 0,
             unsent: 0,
+            by_type: Vec::new(),
         })
+    }
+
+    /// (question type, rcode, replies) for every pair answered here so far.
+    fn counts(&self) -> Vec<(u16, u8, u64)> {
+        self.by_type.clone()
     }
 
     /// Read, answer, send; the datagrams left for the general path as (data, address).
@@ -121,6 +129,7 @@ impl PyDnsUdp {
                 };
                 reply.clear();
                 if dns::answer(&table.0, data, true, reply) {
+                    count(&mut self.by_type, data, reply);
                     to_send.push((i, *addr));
                 } else if let Some(peer) = address(py, addr)? {
                     slow.push((PyBytes::new(py, data), peer));
@@ -192,6 +201,22 @@ impl PyDnsUdp {
                 }
             }
         }
+    }
+}
+
+/// Counts one reply from the table under its question's type and its rcode (a few pairs:
+/// the table holds five types).
+fn count(by_type: &mut Vec<(u16, u8, u64)>, query: &[u8], reply: &[u8]) {
+    let (Some(qtype), Some(&flags)) = (dns::question_type(query), reply.get(3)) else {
+        return;
+    };
+    let rcode = flags & 0x0f;
+    match by_type
+        .iter_mut()
+        .find(|(t, r, _)| *t == qtype && *r == rcode)
+    {
+        Some((_, _, n)) => *n += 1,
+        None => by_type.push((qtype, rcode, 1)),
     }
 }
 

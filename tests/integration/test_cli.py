@@ -127,7 +127,7 @@ def test_mesh_db_serves_the_wire_protocol(tmp_path):
     "args",
     [
         ["sidecar", "--service", "web", "--port", "8080", "--address", "127.0.0.1", "--check", "none",
-         "--dns-listen", "127.0.0.1:0", "--upstream", "none"],
+         "--dns-listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--upstream", "none"],
         ["lb", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--service", "web"],
     ],
 )  # fmt: skip

@@ -876,7 +876,7 @@ async def test_sidecar_without_upstream_refuses_outside_names_and_never_amplifie
         await store.register(instance, 120)
     args = [
         "sidecar", "--service", "db", "--instance", "main", "--address", "127.0.3.1",
-        "--port", "5432", "--check", "none", "--dns-listen", "127.0.0.1:0",
+        "--port", "5432", "--check", "none", "--dns-listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
         "--upstream", "none", "--mongo-url", db_url,
     ]  # fmt: skip
     proc = await Proc.start(*args)

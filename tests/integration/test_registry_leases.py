@@ -259,7 +259,7 @@ async def test_a_sidecar_whose_clock_is_off_neither_flaps_nor_lingers(db_url, sk
     watcher = Watcher(db_url, "poll", clock)
     args = [
         "sidecar", "--service", "web", "--port", "8080", "--instance", "skewed",
-        "--address", "127.0.0.1", "--check", "none", "--dns-listen", "127.0.0.1:0",
+        "--address", "127.0.0.1", "--check", "none", "--dns-listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
         "--upstream", "none", "--lease-ttl", "2", "--mongo-url", db_url,
     ]  # fmt: skip
     # libfaketime preloaded into the sidecar itself (the faketime command would fork, and a

@@ -17,7 +17,7 @@ from tests.integration.mesh_proc import LISTENING, Proc
 async def sidecar(db_url: str, *extra: str):
     args = [
         "sidecar", "--service", "web", "--port", "8080", "--instance", "one",
-        "--address", "127.0.0.1", "--check", "none", "--dns-listen", "127.0.0.1:0",
+        "--address", "127.0.0.1", "--check", "none", "--dns-listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
         "--upstream", "none", "--mongo-url", db_url, *extra,
     ]  # fmt: skip
     proc = await Proc.start(*args)
@@ -95,7 +95,7 @@ async def test_flags_from_env_and_dig_over_udp_and_tcp(db_url):
     env = {"MESH_TAG": "blue,canary", "MESH_WEIGHT": "7", "MESH_DNS_TTL": "9"}
     args = [
         "sidecar", "--service", "web", "--port", "8080", "--instance", "one",
-        "--address", "127.0.0.1", "--check", "none", "--dns-listen", "127.0.0.1:0",
+        "--address", "127.0.0.1", "--check", "none", "--dns-listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
         "--upstream", "none", "--mongo-url", db_url,
     ]  # fmt: skip
     proc = await Proc.start(*args, env=env)
@@ -130,6 +130,7 @@ async def test_flags_from_env_and_dig_over_udp_and_tcp(db_url):
         (["--service", "web", "--port", "80", "--meta", "novalue"], "--meta"),
         (["--service", "web", "--port", "80", "--dns-listen", "nowhere"], "--dns-listen"),
         (["--service", "web", "--port", "80", "--upstream", "x:y"], "--upstream"),
+        (["--service", "web", "--port", "80", "--admin", "nowhere"], "--admin"),
         (["--service", "web", "--port", "80", "--tag", "Bad_Tag"], "--tag"),
         (["--service", "web", "--port", "80", "--domain", ".".join(["d" * 60] * 4)], "--domain"),
     ],
@@ -162,5 +163,24 @@ async def test_dns_port_in_use_is_one_line_and_exit_2(db_url):
         )  # fmt: skip
         assert code == 2
         assert err.strip().splitlines()[-1].startswith("mesh sidecar: error: --dns-listen")
+    finally:
+        taken.close()
+
+
+@pytest.mark.one_loop
+async def test_admin_port_in_use_is_one_line_and_exit_2(db_url):
+    import socket
+
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = taken.getsockname()[1]
+        code, _, err = await run_mesh(
+            "sidecar", "--service", "web", "--port", "80", "--address", "127.0.0.1",
+            "--dns-listen", "127.0.0.1:0", "--admin", f"127.0.0.1:{port}",
+            "--mongo-url", db_url, "--upstream", "none",
+        )  # fmt: skip
+        assert code == 2
+        assert err.strip().splitlines()[-1].startswith(f"mesh sidecar: error: --admin 127.0.0.1:{port}")
+        assert "Traceback" not in err
     finally:
         taken.close()

@@ -221,7 +221,7 @@ class Processes:
             mesh(
                 "sidecar", "--service", "web", "--port", str(app_port), "--instance", f"peer{index}",
                 "--check", "http:/", "--check-interval", "0.5", "--drain", "0.5",
-                "--dns-listen", dns, "--upstream", "none", "--mongo-url", mongo_url, *extra,
+                "--dns-listen", dns, "--admin", "127.0.0.1:0", "--upstream", "none", "--mongo-url", mongo_url, *extra,
             ),
             f"sidecar{index}",
         )  # fmt: skip

@@ -141,6 +141,13 @@ fn word(data: &[u8], i: usize) -> Option<u16> {
     ]))
 }
 
+/// The question's type: the two bytes after the first zero byte past the header, the rule
+/// the fast path reads the question by.
+pub fn question_type(query: &[u8]) -> Option<u16> {
+    let zero = query.get(HEADER..)?.iter().position(|&b| b == 0)?;
+    word(query, HEADER + zero + 1)
+}
+
 /// Writes the reply to `query` into `out` (cleared first) and returns true, or returns
 /// false when the general path must answer it. `udp`: the reply must fit the client's UDP
 /// size (512 without EDNS0; with it, what the client offers between 512 and 1232).

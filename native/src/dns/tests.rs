@@ -169,3 +169,10 @@ fn a_question_longer_than_any_name_is_a_miss() {
     long.extend_from_slice(&[0, 0, 33, 0, 1]);
     assert_eq!(run(&t, &long, true), None);
 }
+
+#[test]
+fn the_question_type_is_read_after_the_first_zero() {
+    assert_eq!(question_type(&query([1, 0], NAME, 0, &[])), Some(33));
+    assert_eq!(question_type(&query([1, 0], NAME, 0, &[])[..31]), None);
+    assert_eq!(question_type(b"\x00\x01"), None);
+}
