@@ -192,7 +192,8 @@ def machine() -> str:
             out = subprocess.run([exe, flag], capture_output=True, text=True)
             first = (out.stdout or out.stderr).strip().splitlines()
             if first:
-                versions.append(first[0].strip())
+                line = first[0].strip()
+                versions.append(line if tool in line.lower() else f"{tool} {line}")
     return (
         f"{os.cpu_count()} cores, {model or platform.processor()}, Linux {platform.release()}, "
         f"Python {platform.python_version()}\n\nVersions: {'; '.join(versions)}"

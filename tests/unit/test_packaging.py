@@ -153,3 +153,40 @@ def test_the_image_build_stage_builds_from_what_it_copies(tmp_path):
     for package in ("mesh", "registry", "sidecar", "lb", "mesh_native"):
         assert f"{package}/__init__.py" in names, f"{package} is not in the image's wheel"
     assert any(n.startswith("mesh_native/_core") and n.endswith(".so") for n in names), names
+
+
+SHIPPED = ("mesh", "registry", "sidecar", "lb", "mesh_native")
+
+
+def test_every_library_the_shipped_packages_import_is_a_runtime_dependency():
+    """`pip install .` (the image) installs [project].dependencies only: a module imported
+    by the shipped code but listed among the test extras would fail there, not here."""
+    import ast
+    import importlib.metadata
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    declared = {norm(re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0]) for d in project["dependencies"]}
+    dists = importlib.metadata.packages_distributions()
+    missing = set()
+    for package in SHIPPED:
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in sys.stdlib_module_names or top in SHIPPED:
+                        continue
+                    if not {norm(d) for d in dists.get(top, [top])} & declared:
+                        missing.add(f"{top} ({path.relative_to(ROOT)})")
+    assert not missing, f"imported but not in [project].dependencies: {sorted(missing)}"
