@@ -29,11 +29,12 @@ $(TEST_STAMP): pyproject.toml $(NATIVE_SRC) | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/mesh demo
 
-# Debian tools the tests drive: dig (dnsutils), ip (iproute2), curl, and libfaketime (a sidecar
-# with its clock off), installed when missing and root.
+# Debian tools the tests drive: dig (dnsutils), ip (iproute2), curl, libfaketime (a sidecar
+# with its clock off) and Chromium (the LB's page, driven by Playwright), installed when missing
+# and root.
 test-tools:
-	@if [ "$$(id -u)" = 0 ] && { ! command -v dig >/dev/null || ! command -v ip >/dev/null || ! command -v curl >/dev/null || ! ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1; }; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsutils iproute2 curl faketime >/dev/null; \
+	@if [ "$$(id -u)" = 0 ] && { ! command -v dig >/dev/null || ! command -v ip >/dev/null || ! command -v curl >/dev/null || ! command -v chromium >/dev/null || ! ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1; }; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsutils iproute2 curl faketime chromium >/dev/null; \
 	fi
 
 # The crate on its own: formatting, lints as errors, its unit and fixture tests.

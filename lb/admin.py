@@ -8,9 +8,13 @@ per worker with a ``worker`` label.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client.core import (
@@ -23,6 +27,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from lb.balancer import bounded_limit
 from lb.cluster import Cluster
 from lb.ring import hash_key
 from lb.server import Server
@@ -45,10 +50,14 @@ PER_WORKER = frozenset(
         "mesh_lb_endpoints",
         "mesh_registry_connected",
         "mesh_registry_snapshots",
+        "mesh_registry_snapshot_age_seconds",
+        "mesh_registry_change_streams",
     }
 )
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")  # the order of a native snapshot's responses
 GAUGE_HELP = {
+    "mesh_registry_change_streams": "1 when registry changes come by change stream, 0 when polled.",
+    "mesh_registry_snapshot_age_seconds": "Seconds since the last registry snapshot arrived.",
     "mesh_lb_active_connections": "Open client connections.",
     "mesh_lb_client_connections": "Open client connections (as above).",
 }
@@ -72,6 +81,14 @@ def cluster_json(c: Cluster) -> dict:
     det = c.detector
     hc = c.health
     endpoints = []
+    counts = view.table.stats().entries if view.table is not None else ()
+    slots = sum(counts) or 1
+    weights = sum(st.endpoint.weight for st in view.states) or 1
+    factor = c.config.balance_factor
+    # Bounded loads: what each endpoint may still take before the next request spills.
+    limit = (
+        bounded_limit(sum(st.active for st in view.states), sum(c.usable), factor) if factor else 0
+    )
     for i, st in enumerate(view.states):
         ep = st.endpoint
         snap = st.counters.snapshot()
@@ -84,6 +101,19 @@ def cluster_json(c: Cluster) -> dict:
                 "ejections": m.ejections,
             }
         health = "unchecked" if hc is None else "healthy" if hc.is_healthy(ep.key) else "unhealthy"
+        check = None
+        host = hc.hosts.get(ep.key) if hc is not None else None
+        if host is not None and hc is not None:
+            check = {
+                "ok": host.last_ok,
+                "at": _wall(host.last_at) if host.last_ok is not None else None,
+                "error": host.last_error,
+                "checks": host.checks,
+                "rise": host.rise,
+                "rise_needed": hc.config.healthy_threshold,
+                "fall": host.fall,
+                "fall_needed": hc.config.unhealthy_threshold,
+            }
         endpoints.append(
             {
                 "address": ep.key,
@@ -92,6 +122,7 @@ def cluster_json(c: Cluster) -> dict:
                 "name": ep.name,
                 "weight": ep.weight,
                 "health": health,
+                "check": check,
                 "ejected": ejection is not None,
                 "ejection": ejection,
                 "usable": c.usable[i] if i < len(c.usable) else False,
@@ -105,6 +136,10 @@ def cluster_json(c: Cluster) -> dict:
                 if m is None or m.latency_ewma is None
                 else round(m.latency_ewma, 6),
                 "idle_connections": len(st.idle),
+                "table_share": round(counts[i] / slots, 4) if i < len(counts) else None,
+                "weight_share": round(ep.weight / weights, 4),
+                "headroom": max(0, limit - st.active) if factor else None,
+                "latency_buckets": snap["latency_buckets"],
             }
         )
     table = None
@@ -164,10 +199,17 @@ def merge_clusters(per_worker: list[list[dict]]) -> list[dict]:
                 t = totals.setdefault((c["name"], ep["address"]), {})
                 for field in SUMMED_ENDPOINT_FIELDS:
                     t[field] = t.get(field, 0) + ep[field]
+                buckets = t.setdefault("latency_buckets", [0] * len(ep["latency_buckets"]))
+                t["latency_buckets"] = [
+                    a + b for a, b in zip(buckets, ep["latency_buckets"], strict=True)
+                ]
     for c in first:
         for ep in c["endpoints"]:
             for field, value in totals.get((c["name"], ep["address"]), {}).items():
-                ep[field] += value
+                if field == "latency_buckets":
+                    ep[field] = [a + b for a, b in zip(ep[field], value, strict=True)]
+                else:
+                    ep[field] += value
     return first
 
 
@@ -452,11 +494,107 @@ def make_app(
             return web.json_response({"error": f"no cluster {name!r}"}, status=404)
         return web.json_response(ring_json(cands[0], key))
 
+    async def page(request: web.Request) -> web.Response:
+        return _static("index.html", "text/html")
+
+    async def asset(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        kind = WEB_ASSETS.get(name)
+        if kind is None:
+            raise web.HTTPNotFound()
+        return _static(name, kind)
+
+    async def state() -> dict:
+        own = [cluster_json(c) for c in server.clusters]
+        others = [r["clusters"] for r in await reports() if r is not None]
+        return {
+            "time": round(time.time(), 3),
+            "draining": server.draining,
+            "registry": gauges() if gauges else None,
+            "routes": [
+                {
+                    "host": r.host.decode(errors="replace"),
+                    "prefix": r.prefix.decode(errors="replace"),
+                    "cluster": r.cluster.config.name,
+                }
+                for r in server.routes
+            ],
+            "clusters": merge_clusters([own, *others]),
+        }
+
+    def held_events(after: dict[str, int]) -> list[dict]:
+        out = [e for c in server.clusters for e in c.events.since(after.get(c.config.name, 0))]
+        out.sort(key=lambda e: (e.at, e.cluster, e.seq))
+        return [e.json() for e in out]
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        if request.query.get("format") == "json":
+            return web.json_response({"events": held_events({})})
+        if streams[0] >= MAX_EVENT_STREAMS:
+            return web.json_response({"error": "too many event streams open"}, status=503)
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
+        )
+        streams[0] += 1
+        try:
+            await resp.prepare(request)
+            after: dict[str, int] = {}
+            while True:
+                await resp.write(_sse("state", await state()))
+                for e in held_events(after):
+                    after[e["cluster"]] = e["seq"]
+                    await resp.write(_sse("log", e))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(closing.wait(), EVENT_INTERVAL)
+                if closing.is_set():
+                    break  # the admin port is closing: streams end, so shutdown waits for none
+        except (ConnectionResetError, ConnectionError):
+            pass  # the page went away
+        finally:
+            streams[0] -= 1
+        return resp
+
+    async def favicon(request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    async def end_streams(app: web.Application) -> None:
+        closing.set()
+
+    streams = [0]
+    closing = asyncio.Event()
+    app.on_shutdown.append(end_streams)
+    app.router.add_get("/", page)
+    app.router.add_get("/favicon.ico", favicon)
+    app.router.add_get("/ui/{name}", asset)
+    app.router.add_get("/events", events)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/clusters", clusters)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/ring", ring)
     return app
+
+
+# The web page: files of the package, no build step; nothing it loads leaves this port.
+WEB = Path(__file__).parent / "web"
+WEB_ASSETS = {"app.js": "text/javascript", "app.css": "text/css"}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+EVENT_INTERVAL = 0.5  # s between state events on /events
+MAX_EVENT_STREAMS = 32  # open /events streams at once; more get 503
+
+
+def _static(name: str, kind: str) -> web.Response:
+    return web.Response(
+        body=(WEB / name).read_bytes(), content_type=kind, charset="utf-8", headers=PAGE_HEADERS
+    )
+
+
+def _sse(event: str, data: object) -> bytes:
+    """One server-sent event; JSON never holds a raw newline, so one data line."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
 async def start_admin(app: web.Application, sock) -> web.AppRunner:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from lb import ring
 from lb.balancer import HASHED, Pick, Picker, panic_state
 from lb.endpoints import Endpoint, EndpointSet
+from lb.events import EventLog
 from lb.hashing import HashSource
 from lb.health import HealthChecker, HealthConfig
 from lb.outlier import Detector, Event, Outcome, OutlierConfig
@@ -134,6 +135,7 @@ class Cluster:
         self.health = HealthChecker(config.health, rng=rng) if config.health.path else None
         self.budget = RetryBudget(config.retry_budget_percent)
         self.stats = Stats()
+        self.events = EventLog(config.name)
         self.counters = Counters()  # every endpoint's tries, whatever set it was in
         self.view = View(EndpointSet(), None, [])
         self.usable: list[bool] = []
@@ -196,6 +198,7 @@ class Cluster:
                     continue
                 table = None
                 if self.hashed and len(endpoints):
+                    started = time.perf_counter()
                     try:
                         table = await ring.build_async(
                             self.config.policy, endpoints, table_size=self.config.table_size
@@ -208,6 +211,11 @@ class Cluster:
                         )
                         continue
                     self.builds += 1
+                    took = (time.perf_counter() - started) * 1000
+                    self.events.add(
+                        "table",
+                        f"{self.config.policy} table of {len(endpoints)} built in {took:.1f} ms",
+                    )
                 self._swap(endpoints, table)
         finally:
             self._builder = None
@@ -225,6 +233,15 @@ class Cluster:
             if key not in states:
                 st.removed = True
                 st.close_idle()
+        added = [k for k in states if k not in old]
+        removed = [k for k in old if k not in states]
+        if added or removed:
+            self.events.add(
+                "endpoints",
+                f"{len(states)} endpoints"
+                + "".join(f", +{k}" for k in added[:8])
+                + "".join(f", -{k}" for k in removed[:8]),
+            )
         self._states = states
         self.view = View(endpoints, table, [states[k] for k in endpoints.keys])
         self._zeros = [0] * len(endpoints)
@@ -255,6 +272,15 @@ class Cluster:
         if panic != self.panic:
             self.panic = panic
             if panic:
+                self.events.add(
+                    "panic",
+                    f"{sum(self.usable)} of {len(self.usable)} endpoints usable: "
+                    + (
+                        "routing to all"
+                        if self.config.panic_mode == "fail-open"
+                        else "answering 503"
+                    ),
+                )
                 log.warning(
                     "cluster %s: panic: %d of %d endpoints usable, %s",
                     self.config.name,
@@ -263,6 +289,9 @@ class Cluster:
                     "routing to all" if self.config.panic_mode == "fail-open" else "answering 503",
                 )
             else:
+                self.events.add(
+                    "panic-over", f"{sum(self.usable)} of {len(self.usable)} endpoints usable"
+                )
                 log.info("cluster %s: panic over", self.config.name)
 
     # Per request
@@ -338,6 +367,11 @@ class Cluster:
         for ev in events:
             if ev.kind == "eject":
                 self.stats.ejections[ev.reason] = self.stats.ejections.get(ev.reason, 0) + 1
+                self.events.add(
+                    "eject",
+                    f"{ev.reason} for {ev.until - time.monotonic():.0f} s, ejection #{ev.ejections}",
+                    ev.key,
+                )
                 log.warning(
                     "cluster %s: ejected %s (%s) for %.0fs, ejection #%d",
                     self.config.name,
@@ -350,6 +384,7 @@ class Cluster:
                 if st:
                     st.close_idle()
             else:
+                self.events.add("restore", ev.reason, ev.key)
                 log.info("cluster %s: restored %s (%s)", self.config.name, ev.key, ev.reason)
         self.refresh_usable()
 

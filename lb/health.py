@@ -35,7 +35,9 @@ class Change:
 
 
 class _Host:
-    __slots__ = ("healthy", "rise", "fall", "next_at", "in_flight", "checks", "last_error")
+    __slots__ = (
+        "healthy", "rise", "fall", "next_at", "in_flight", "checks", "last_error", "last_ok", "last_at",
+    )  # fmt: skip
 
     def __init__(self, next_at: float) -> None:
         self.healthy = True
@@ -45,6 +47,8 @@ class _Host:
         self.in_flight = False
         self.checks = 0
         self.last_error = ""
+        self.last_ok: bool | None = None  # the last check's result, and when (monotonic)
+        self.last_at = 0.0
 
 
 class HealthChecker:
@@ -91,6 +95,7 @@ class HealthChecker:
         h.checks += 1
         h.next_at = now + self._wait()
         h.last_error = "" if ok else error
+        h.last_ok, h.last_at = ok, now
         cfg = self.config
         if ok:
             h.fall = 0

@@ -330,8 +330,10 @@ async def _probe(cluster: Cluster, session, endpoint, cfg) -> None:
     changes = hc.on_result(endpoint.key, ok, now, error=error)
     for ch in changes:
         if ch.healthy:
+            cluster.events.add("healthy", "passes health checks", ch.key)
             log.info("cluster %s: %s passes health checks", cluster.config.name, ch.key)
         else:
+            cluster.events.add("unhealthy", f"fails health checks ({error})", ch.key)
             log.warning(
                 "cluster %s: %s fails health checks (%s)", cluster.config.name, ch.key, error
             )

@@ -210,6 +210,7 @@ async def run_demo(peers: int, duration: float, *, live: bool) -> dict[str, Any]
         admin = f"http://{format_host_port(mesh.lb_admin)}"
         dns = mesh.members[0].dns
         view.event(f"LB {lb_url}  admin {admin}  DNS {dns[0]}:{dns[1]}  registry {mesh.url}")
+        view.event(f"live page: {admin}/ (open it in a browser)")
         async with asyncio.timeout(30):
             while len(await resolve_srv(dns)) < peers:
                 await asyncio.sleep(0.1)

@@ -42,6 +42,7 @@ async def _up(values: dict[str, Any]) -> int:
             f"mesh is up: {len(mesh.members)} peers, each with a sidecar, behind one LB\n"
             f"  LB:       curl -H '{HASH_HEADER}: alice' http://{lb}/\n"
             f"  DNS:      dig @{dns_host} -p {dns_port} SRV _{SERVICE}._tcp.service.mesh\n"
+            f"  page:     http://{format_host_port(mesh.lb_admin)}/ (the LB, live, in a browser)\n"
             f"  admin:    curl http://{format_host_port(mesh.lb_admin)}/clusters\n"
             f"  sidecar:  curl http://{format_host_port(mesh.members[0].admin)}/dns\n"
             f"  registry: mesh ls --mongo-url {mesh.url}\n"

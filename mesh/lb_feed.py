@@ -8,6 +8,7 @@ the registry is away the follower keeps the last snapshot, so routing keeps work
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 from lb.cluster import Cluster
@@ -47,7 +48,12 @@ class RegistryFeed:
             await cluster.wait_built()
 
     def gauges(self) -> dict[str, float]:
-        return {
+        out = {
             "mesh_registry_connected": float(self.follower.connected),
             "mesh_registry_snapshots": float(self.follower.snapshots),
         }
+        if self.store.change_streams is not None:
+            out["mesh_registry_change_streams"] = float(self.store.change_streams)
+        if self.follower.snapshot_at is not None:
+            out["mesh_registry_snapshot_age_seconds"] = time.monotonic() - self.follower.snapshot_at
+        return out

@@ -21,7 +21,8 @@ EXPECTED = (
     "peer death → out of LB routing",
     "LB req/s, one core, c50",
     "LB CPU per request, c50",
-    "DNS SRV queries/s, one core",
+    "DNS SRV, 200 in flight: queries/s",
+    "DNS A, 10 in flight: server CPU per query",
     "Maglev build, 65537 slots, 100 endpoints",
     "request read and upstream head, per request",
 )
@@ -31,7 +32,7 @@ EXPECTED = (
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(
     os.geteuid() != 0,
-    reason="the harness installs nginx, haproxy, dnsmasq, wrk and dnsperf as root",
+    reason="the harness installs nginx, haproxy, dnsmasq, unbound, wrk and dnsperf as root",
 )
 def test_perf_quick_produces_every_row(tmp_path):
     out = tmp_path / "quick.md"

@@ -153,6 +153,8 @@ def test_the_image_build_stage_builds_from_what_it_copies(tmp_path):
     for package in ("mesh", "registry", "sidecar", "lb", "mesh_native"):
         assert f"{package}/__init__.py" in names, f"{package} is not in the image's wheel"
     assert any(n.startswith("mesh_native/_core") and n.endswith(".so") for n in names), names
+    for page in ("index.html", "app.js", "app.css"):
+        assert f"lb/web/{page}" in names, f"the LB's page lacks {page} in the image's wheel"
 
 
 SHIPPED = ("mesh", "registry", "sidecar", "lb", "mesh_native")
