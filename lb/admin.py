@@ -506,7 +506,28 @@ def make_app(
 
     async def state() -> dict:
         own = [cluster_json(c) for c in server.clusters]
-        others = [r["clusters"] for r in await reports() if r is not None]
+        got = await reports()
+        others = [r["clusters"] for r in got if r is not None]
+        # With --workers N, each worker's own view of every endpoint (its ejections and
+        # checks are its own), taken before the counters are summed into the first's.
+        mine: dict[tuple[str, str], list[dict]] = {}
+        if got:
+            every = [(0, own)] + [(w, r["clusters"]) for w, r in enumerate(got, 1) if r]
+            for worker, clusters in every:
+                for c in clusters:
+                    for ep in c["endpoints"]:
+                        mine.setdefault((c["name"], ep["address"]), []).append(
+                            {
+                                "worker": worker,
+                                "usable": ep["usable"],
+                                "ejected": ep["ejected"],
+                                "health": ep["health"],
+                            }
+                        )
+        merged = merge_clusters([own, *others])
+        for c in merged:
+            for ep in c["endpoints"]:
+                ep["workers"] = mine.get((c["name"], ep["address"]))
         return {
             "time": round(time.time(), 3),
             "draining": server.draining,
@@ -519,7 +540,9 @@ def make_app(
                 }
                 for r in server.routes
             ],
-            "clusters": merge_clusters([own, *others]),
+            "workers": 1 + len(got),
+            "workers_silent": sum(r is None for r in got),
+            "clusters": merged,
         }
 
     def held_events(after: dict[str, int]) -> list[dict]:

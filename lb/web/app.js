@@ -115,7 +115,21 @@ function share(ep) {
   return cell;
 }
 
+function workersNote(ep) {
+  // With several workers: those whose own view differs from the admin worker's.
+  if (!ep.workers || ep.workers.length < 2) return null;
+  const out = ep.workers.filter((w) => !w.usable).map((w) => w.worker);
+  return out.length ? el("span", { class: "muted workers" }, `not usable in worker${out.length > 1 ? "s" : ""} ${out.join(", ")}`) : null;
+}
+
 function stateCell(ep, now) {
+  const cell = stateText(ep, now);
+  const note = workersNote(ep);
+  if (note) cell.append(el("br"), note);
+  return cell;
+}
+
+function stateText(ep, now) {
   if (ep.ejected && ep.ejection) {
     const until = Math.max(0, ep.ejection.until - now).toFixed(0);
     return el("td", { class: "state" }, `ejected: ${ep.ejection.reason}`, el("br"), el("span", { class: "muted" }, `for ${until} s more, ejection #${ep.ejection.ejections}`));
@@ -183,7 +197,8 @@ function render(state) {
     reg.textContent = "static endpoints (no registry)";
     reg.className = "pill";
   }
-  document.getElementById("updated").textContent = `updated ${new Date(now * 1000).toLocaleTimeString()}${state.draining ? " · draining" : ""}`;
+  const workers = state.workers > 1 ? ` · ${state.workers} workers${state.workers_silent ? `, ${state.workers_silent} silent` : ""}` : "";
+  document.getElementById("updated").textContent = `updated ${new Date(now * 1000).toLocaleTimeString()}${workers}${state.draining ? " · draining" : ""}`;
   const panics = state.clusters.filter((c) => c.panic);
   const banner = document.getElementById("panic");
   banner.classList.toggle("hidden", panics.length === 0);

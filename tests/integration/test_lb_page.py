@@ -12,7 +12,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.integration.test_lb_support import LBProcess, backends
+from tests.integration.test_lb_support import LBProcess, backends, curl
 
 pytestmark = pytest.mark.one_loop
 
@@ -237,3 +237,57 @@ async def test_an_open_event_stream_does_not_hold_up_sigterm():
             await lb.stop()
     print(f"mesh lb exited {took:.2f} s after SIGTERM with a page open")
     assert rc == 0
+
+
+async def test_with_workers_the_stream_sums_counters_and_shows_each_workers_view():
+    async with backends(3) as bs, LBProcess(*lb_args(bs), "--workers", "2") as lb:
+        # New connections each: SO_REUSEPORT spreads them over both workers.
+        for u in range(60):
+            rc, out, err = await curl("-H", f"X-User: user-{u}", lb.url + "/")
+            assert rc == 0, err
+        async with aiohttp.ClientSession() as s, s.get(lb.admin + "/events") as resp:
+            got = await read_events(resp, lambda ev: any(k == "state" for k, _ in ev), 10)
+    state = next(d for k, d in got if k == "state")
+    assert state["workers"] == 2 and state["workers_silent"] == 0
+    (cluster,) = state["clusters"]
+    assert sum(e["requests"] for e in cluster["endpoints"]) == 60
+    for e in cluster["endpoints"]:
+        assert [w["worker"] for w in e["workers"]] == [0, 1]
+        assert all(w["usable"] for w in e["workers"])
+        assert sum(e["latency_buckets"]) == e["requests"]
+
+
+@needs_browser
+async def test_updates_pause_while_the_tab_is_hidden(tmp_path):
+    async with backends(2) as bs, LBProcess(*lb_args(bs)) as lb:
+        page, errors, close = await browser_page(tmp_path)
+        try:
+            await page.goto(lb.admin + "/")
+            await page.wait_for_selector("tr[data-endpoint]")
+
+            async def updated_changes() -> bool:
+                before = await page.inner_text("#updated")
+                await asyncio.sleep(1.6)  # three state events at 0.5 s
+                return await page.inner_text("#updated") != before
+
+            assert await updated_changes()
+            await page.evaluate(HIDE)
+            await asyncio.sleep(0.2)
+            assert not await updated_changes()
+            assert await page.is_hidden("#stream")  # paused, not broken
+            await page.evaluate(SHOW)
+            assert await updated_changes()
+        finally:
+            await close()
+        assert errors == []
+
+
+# A hidden tab, as the page sees one: document.hidden and its visibilitychange event.
+HIDE = """() => {
+  Object.defineProperty(document, "hidden", { value: true, configurable: true });
+  document.dispatchEvent(new Event("visibilitychange"));
+}"""
+SHOW = """() => {
+  Object.defineProperty(document, "hidden", { value: false, configurable: true });
+  document.dispatchEvent(new Event("visibilitychange"));
+}"""
