@@ -51,7 +51,7 @@ impl PyDnsTable {
     #[pyo3(signature = (query, udp = true))]
     fn answer<'py>(&self, py: Python<'py>, query: &[u8], udp: bool) -> Option<Bound<'py, PyBytes>> {
         let mut out = Vec::new();
-        dns::answer(&self.0, query, udp, &mut out).then(|| PyBytes::new(py, &out))
+        dns::answer(&self.0, query, udp, &mut out).map(|_| PyBytes::new(py, &out))
     }
 }
 
@@ -73,6 +73,9 @@ pub struct PyDnsUdp {
     unsent: u64,
     /// Replies sent from the table, by (question type, rcode): the types the table holds.
     by_type: Vec<(u16, u8, u64)>,
+    /// `recvmmsg`'s headers and sender addresses, made once: preallocating them per call
+    /// cost more than answering a query.
+    recv_headers: MultiHeaders<SockaddrStorage>,
 }
 
 #[pymethods]
@@ -95,6 +98,7 @@ impl PyDnsUdp {
             handed_back: 0,
             unsent: 0,
             by_type: Vec::new(),
+            recv_headers: MultiHeaders::preallocate(batch, None),
         })
     }
 
@@ -128,8 +132,8 @@ impl PyDnsUdp {
                     continue;
                 };
                 reply.clear();
-                if dns::answer(&table.0, data, true, reply) {
-                    count(&mut self.by_type, data, reply);
+                if let Some(qtype) = dns::answer(&table.0, data, true, reply) {
+                    count(&mut self.by_type, qtype, reply);
                     to_send.push((i, *addr));
                 } else if let Some(peer) = address(py, addr)? {
                     slow.push((PyBytes::new(py, data), peer));
@@ -149,7 +153,6 @@ impl PyDnsUdp {
 impl PyDnsUdp {
     /// One `recvmmsg`: (length, sender) of each datagram, in `bufs` order.
     fn receive(&mut self) -> Result<Vec<(usize, Option<SockaddrStorage>)>, Errno> {
-        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(self.bufs.len(), None);
         let mut iovs: Vec<[IoSliceMut<'_>; 1]> = self
             .bufs
             .iter_mut()
@@ -157,7 +160,7 @@ impl PyDnsUdp {
             .collect();
         let results = recvmmsg(
             self.fd,
-            &mut headers,
+            &mut self.recv_headers,
             iovs.iter_mut(),
             MsgFlags::MSG_DONTWAIT,
             None,
@@ -206,11 +209,8 @@ impl PyDnsUdp {
 
 /// Counts one reply from the table under its question's type and its rcode (a few pairs:
 /// the table holds five types).
-fn count(by_type: &mut Vec<(u16, u8, u64)>, query: &[u8], reply: &[u8]) {
-    let (Some(qtype), Some(&flags)) = (dns::question_type(query), reply.get(3)) else {
-        return;
-    };
-    let rcode = flags & 0x0f;
+fn count(by_type: &mut Vec<(u16, u8, u64)>, qtype: u16, reply: &[u8]) {
+    let rcode = reply.get(3).map_or(0, |flags| flags & 0x0f);
     match by_type
         .iter_mut()
         .find(|(t, r, _)| *t == qtype && *r == rcode)

@@ -141,21 +141,19 @@ fn word(data: &[u8], i: usize) -> Option<u16> {
     ]))
 }
 
-/// The question's type: the two bytes after the first zero byte past the header, the rule
-/// the fast path reads the question by.
-pub fn question_type(query: &[u8]) -> Option<u16> {
-    let zero = query.get(HEADER..)?.iter().position(|&b| b == 0)?;
-    word(query, HEADER + zero + 1)
+/// Writes the reply to `query` into `out` (cleared first) and returns the question's type,
+/// or returns None when the general path must answer it. `udp`: the reply must fit the
+/// client's UDP size (512 without EDNS0; with it, what the client offers between 512 and
+/// 1232).
+pub fn answer(table: &Table, query: &[u8], udp: bool, out: &mut Vec<u8>) -> Option<u16> {
+    let answered = reply(table, query, udp, out);
+    if answered.is_none() {
+        out.clear();
+    }
+    answered
 }
 
-/// Writes the reply to `query` into `out` (cleared first) and returns true, or returns
-/// false when the general path must answer it. `udp`: the reply must fit the client's UDP
-/// size (512 without EDNS0; with it, what the client offers between 512 and 1232).
-pub fn answer(table: &Table, query: &[u8], udp: bool, out: &mut Vec<u8>) -> bool {
-    reply(table, query, udp, out).is_some()
-}
-
-fn reply(table: &Table, query: &[u8], udp: bool, out: &mut Vec<u8>) -> Option<()> {
+fn reply(table: &Table, query: &[u8], udp: bool, out: &mut Vec<u8>) -> Option<u16> {
     out.clear();
     // One question, no answer or authority record, QR=0, opcode QUERY.
     if query.len() <= 16 || byte(query, 2)? & 0xf8 != 0 || query.get(4..10)? != [0, 1, 0, 0, 0, 0] {
@@ -208,7 +206,7 @@ fn reply(table: &Table, query: &[u8], udp: bool, out: &mut Vec<u8>) -> Option<()
     if let Some(opt) = opt {
         out.extend_from_slice(&opt);
     }
-    Some(())
+    word(question, question.len() - 4)
 }
 
 #[cfg(test)]
