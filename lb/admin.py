@@ -69,6 +69,7 @@ SUMMED_ENDPOINT_FIELDS = (
     "failures",
     "spills",
     "idle_connections",
+    "latency_buckets",
 )
 
 
@@ -198,19 +199,17 @@ def merge_clusters(per_worker: list[list[dict]]) -> list[dict]:
             for ep in c["endpoints"]:
                 t = totals.setdefault((c["name"], ep["address"]), {})
                 for field in SUMMED_ENDPOINT_FIELDS:
-                    t[field] = t.get(field, 0) + ep[field]
-                buckets = t.setdefault("latency_buckets", [0] * len(ep["latency_buckets"]))
-                t["latency_buckets"] = [
-                    a + b for a, b in zip(buckets, ep["latency_buckets"], strict=True)
-                ]
+                    t[field] = _plus(t[field], ep[field]) if field in t else ep[field]
     for c in first:
         for ep in c["endpoints"]:
             for field, value in totals.get((c["name"], ep["address"]), {}).items():
-                if field == "latency_buckets":
-                    ep[field] = [a + b for a, b in zip(ep[field], value, strict=True)]
-                else:
-                    ep[field] += value
+                ep[field] = _plus(ep[field], value)
     return first
+
+
+def _plus(a, b):
+    """A counter summed, or a histogram's buckets summed bucket by bucket."""
+    return [x + y for x, y in zip(a, b, strict=True)] if isinstance(a, list) else a + b
 
 
 class LbCollector(Collector):

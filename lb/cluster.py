@@ -271,27 +271,13 @@ class Cluster:
         )
         if panic != self.panic:
             self.panic = panic
+            usable = f"{sum(self.usable)} of {len(self.usable)} endpoints usable"
             if panic:
-                self.events.add(
-                    "panic",
-                    f"{sum(self.usable)} of {len(self.usable)} endpoints usable: "
-                    + (
-                        "routing to all"
-                        if self.config.panic_mode == "fail-open"
-                        else "answering 503"
-                    ),
-                )
-                log.warning(
-                    "cluster %s: panic: %d of %d endpoints usable, %s",
-                    self.config.name,
-                    sum(self.usable),
-                    len(self.usable),
-                    "routing to all" if self.config.panic_mode == "fail-open" else "answering 503",
-                )
+                mode = "routing to all" if self.config.panic_mode == "fail-open" else "answering 503"
+                self.events.add("panic", f"{usable}: {mode}")
+                log.warning("cluster %s: panic: %s, %s", self.config.name, usable, mode)
             else:
-                self.events.add(
-                    "panic-over", f"{sum(self.usable)} of {len(self.usable)} endpoints usable"
-                )
+                self.events.add("panic-over", usable)
                 log.info("cluster %s: panic over", self.config.name)
 
     # Per request

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 
 import dns.message
+import dns.rcode
 import dns.rdatatype
 from aiohttp import web
 from prometheus_client.core import (
@@ -32,15 +33,8 @@ from prometheus_client.registry import Collector
 
 from registry.model import STATUSES
 from sidecar.agent import Agent
-from sidecar.dns_answer import FORWARD
 from sidecar.dns_server import OTHER_TYPE, DnsServer
-from sidecar.lifecycle import State
-
-RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
-
-
-def _rcode(code: int) -> str:
-    return RCODES.get(code, str(code))
+from sidecar.lifecycle import Outcome, State
 
 
 def _type(qtype: int | None) -> str:
@@ -74,12 +68,13 @@ class SidecarCollector(Collector):
             labels=("transport", "type", "rcode"),
         )
         for (transport, qtype, rcode), n in sorted(counts.answered.items(), key=str):
-            m.add_metric((transport, _type(qtype), _rcode(rcode)), n)
+            m.add_metric((transport, _type(qtype), dns.rcode.to_text(rcode)), n)
         yield m
         for name, help_, by in (
             ("mesh_dns_forwarded", "Queries passed to the upstream resolver.", counts.forwarded),
             ("mesh_dns_dropped", "Datagrams given no reply (shorter than a header, or a response).", counts.dropped),
             ("mesh_dns_truncated", "Replies cut to fit the client's UDP size, with TC set.", counts.truncated),
+            ("mesh_dns_unsent", "Replies the socket would not take (its send buffer full): lost, UDP clients retry.", counts.unsent),
         ):  # fmt: skip
             m = CounterMetricFamily(name, help_, labels=("transport",))
             for transport in ("udp", "tcp"):
@@ -118,8 +113,8 @@ class SidecarCollector(Collector):
             "Lease renewals, by outcome (lost: the lease had run out; registered again).",
             labels=("result",),
         )
-        for result in ("ok", "lost", "unavailable", "error"):
-            m.add_metric((result,), agent.renewals.get(result, 0))
+        for outcome in Outcome:
+            m.add_metric((outcome.value,), agent.renewals.get(outcome.value, 0))
         yield m
         m = CounterMetricFamily(
             "mesh_sidecar_probes", "Health checks of the app, by result.", labels=("result",)
@@ -164,7 +159,7 @@ def dns_view(server: DnsServer) -> dict:
 def _records(answers, name: str, rdtype: str) -> list[str]:
     query = dns.message.make_query(name, rdtype)
     wire = answers.answer(query.to_wire(), udp=False)
-    if not isinstance(wire, bytes) or wire is FORWARD:
+    if not isinstance(wire, bytes):  # FORWARD, or nothing: no name of the zone
         return []
     reply = dns.message.from_wire(wire)
     return sorted(r.to_text() for rrset in reply.answer for r in rrset)

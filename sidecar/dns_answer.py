@@ -222,10 +222,11 @@ class Answers:
         """The reply to ``data``: bytes to send, FORWARD, or None to drop it silently."""
         # A plain query for a name with a reply that fits whole is answered by the native
         # table (native/src/dns): header, question, lookup, the rendered bytes.
-        return self.native.answer(data, udp) or self._answer(data, udp)
+        return self.native.answer(data, udp) or self.general(data, udp)
 
-    def _answer(self, data: bytes, udp: bool) -> bytes | str | None:
-        """Every query the fast path does not take: checks, misses, truncation."""
+    def general(self, data: bytes, udp: bool = True) -> bytes | str | None:
+        """Every query the fast path does not take: checks, misses, truncation. The UDP
+        socket's batched path calls it for what the native table declined."""
         if len(data) < HEADER_SIZE:
             return None  # not even a header: nothing to answer to
         flags = (data[2] << 8) | data[3]

@@ -15,7 +15,6 @@ timeout is SERVFAIL, never silence.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import socket
@@ -82,14 +81,15 @@ OTHER_TYPE = -1
 
 class QueryCounts:
     """What the responder did with the queries answered in Python (the native path counts
-    its own): answered by (transport, type, rcode), and forwarded, dropped, truncated by
-    transport."""
+    its own): answered by (transport, type, rcode), and forwarded, dropped, truncated and
+    unsent (the socket would not take the reply) by transport."""
 
     def __init__(self) -> None:
         self.answered: Counter[tuple[str, int | None, int]] = Counter()
         self.forwarded: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         self.truncated: Counter[str] = Counter()
+        self.unsent: Counter[str] = Counter()
 
     def record(self, transport: str, data: bytes, reply: bytes | str | None) -> None:
         if reply is None:
@@ -308,14 +308,12 @@ class DnsServer:
     def query_counts(self) -> QueryCounts:
         """Every query's outcome so far: the Python path's and each UDP socket's native one."""
         total = QueryCounts()
-        ours = self.counts
-        total.answered.update(ours.answered)
-        total.forwarded.update(ours.forwarded)
-        total.dropped.update(ours.dropped)
-        total.truncated.update(ours.truncated)
+        for name, counter in vars(self.counts).items():
+            getattr(total, name).update(counter)
         for udp in self._udp:
-            for qtype, rcode, n in udp.native_counts():
+            for qtype, rcode, n in udp.native.counts():
                 total.answered[("udp", qtype, rcode)] += n
+            total.unsent["udp"] += udp.native.unsent
         return total
 
     # Snapshots
@@ -467,35 +465,28 @@ class _UdpDns:
         sock.setblocking(False)
         self._loop = asyncio.get_running_loop()
         self._fd = sock.fileno()
-        self._native = DnsUdp(self._fd, UDP_BATCH, UDP_ROUNDS)
+        self.native = DnsUdp(self._fd, UDP_BATCH, UDP_ROUNDS)
         self._loop.add_reader(self._fd, self._readable)
         self.closed = False
-
-    @property
-    def answered_natively(self) -> int:
-        return self._native.answered
-
-    def native_counts(self) -> list[tuple[int, int, int]]:
-        return self._native.counts()
 
     def _readable(self) -> None:
         server = self._server
         # Bound once per wake-up: a table swapped meanwhile is used from the next one.
         answers = server.answers
         try:
-            rest = self._native.drain(answers.native)
+            rest = self.native.drain(answers.native)
         except Exception as exc:  # nothing may escape a reader callback
             server.errors.report(exc, None)
             return
         sendto = self._sock.sendto
-        record = server.counts.record
+        counts = server.counts
         for data, addr in rest:
             try:
-                reply = answers.answer(data)
+                reply = answers.general(data)  # the native table declined it already
             except Exception as exc:
                 server.errors.report(exc, addr)
                 reply = _servfail_after_error(data)
-            record("udp", data, reply)
+            counts.record("udp", data, reply)
             if reply is None:
                 continue
             if reply is FORWARD:
@@ -504,14 +495,16 @@ class _UdpDns:
             try:
                 sendto(reply, addr)  # type: ignore[arg-type]
             except OSError:
-                pass
+                counts.unsent["udp"] += 1
 
     async def _forward(self, data: bytes, addr) -> None:
         forwarder = self._server.forwarder
         reply = await forwarder.forward(data, tcp=False) if forwarder else servfail(data)
         if not self.closed:
-            with contextlib.suppress(OSError):
+            try:
                 self._sock.sendto(reply, addr)
+            except OSError:
+                self._server.counts.unsent["udp"] += 1
 
     def close(self) -> None:
         if not self.closed:

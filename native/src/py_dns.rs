@@ -64,11 +64,9 @@ pub struct PyDnsUdp {
     bufs: Vec<Vec<u8>>,
     replies: Vec<Vec<u8>>,
     rounds: usize,
-    /// Datagrams answered here, handed back, and replies the socket would not take.
+    /// Datagrams answered here, and replies the socket would not take.
     #[pyo3(get)]
     answered: u64,
-    #[pyo3(get)]
-    handed_back: u64,
     #[pyo3(get)]
     unsent: u64,
     /// Replies sent from the table, by (question type, rcode): the types the table holds.
@@ -95,7 +93,6 @@ impl PyDnsUdp {
             replies: vec![Vec::new(); batch],
             rounds,
             answered: 0,
-            handed_back: 0,
             unsent: 0,
             by_type: Vec::new(),
             recv_headers: MultiHeaders::preallocate(batch, None),
@@ -145,7 +142,6 @@ impl PyDnsUdp {
                 break;
             }
         }
-        self.handed_back += slow.len() as u64;
         Ok(slow)
     }
 }

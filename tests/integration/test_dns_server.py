@@ -527,7 +527,7 @@ async def test_a_batch_of_good_bad_and_forwarded_queries_gets_every_reply_right(
             )
             if not (r.id == qid and same_question and ok):
                 wrong.append((qid, want, r.to_text()))
-        native = sum(u.answered_natively for u in s._udp)
+        native = sum(u.native.answered for u in s._udp)
         print(f"{len(sent)} datagrams: {len(replies)} ids answered, {native} natively")
         assert wrong == []
         assert native == sum(1 for _, want in expect.values() if want == "answer")

@@ -4,6 +4,7 @@ against a real ``mesh lb`` with three backends; and its /events stream over a so
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
@@ -34,7 +35,10 @@ def lb_args(bs) -> tuple[str, ...]:
     )  # fmt: skip
 
 
-async def browser_page(tmp_path):
+@contextlib.asynccontextmanager
+async def browser_page(tmp_path, url: str):
+    """A headless Chromium page opened at ``url``; its screenshot is saved in ``tmp_path``
+    when the test is done with it, and a script error on the page fails the test."""
     from playwright.async_api import async_playwright
 
     pw = await async_playwright().start()
@@ -42,13 +46,14 @@ async def browser_page(tmp_path):
     page = await browser.new_page(viewport={"width": 1500, "height": 900})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-
-    async def close() -> None:
+    try:
+        await page.goto(url)
+        yield page
+    finally:
         await page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         await browser.close()
         await pw.stop()
-
-    return page, errors, close
+    assert errors == []
 
 
 async def traffic(lb: LBProcess, users: range) -> list[int]:
@@ -63,38 +68,34 @@ async def traffic(lb: LBProcess, users: range) -> list[int]:
 
 @needs_browser
 async def test_the_page_lists_the_endpoints_and_shows_an_ejection_without_a_reload(tmp_path):
-    async with backends(3) as bs, LBProcess(*lb_args(bs)) as lb:
-        page, errors, close = await browser_page(tmp_path)
-        try:
-            await page.goto(lb.admin + "/")
-            await page.wait_for_function(
-                "document.querySelectorAll('tr[data-endpoint]').length === 3"
-            )
-            rows = await page.eval_on_selector_all(
-                "tr[data-endpoint]", "rs => rs.map(r => r.dataset.endpoint)"
-            )
-            assert sorted(rows) == sorted(b.key for b in bs)
-            assert await traffic(lb, range(60)) == [200] * 60
-            await page.evaluate("window.sameDocument = true")
-            victim = bs[1]
-            await victim.stop()
-            killed = time.monotonic()
-            # The requests whose home it was fail to connect there, are retried elsewhere
-            # (the client sees 200), and eject it after three such failures in a row.
-            assert await traffic(lb, range(60, 120)) == [200] * 60
-            row = f'tr.ejected[data-endpoint="{victim.key}"]'
-            left = 2.0 - (time.monotonic() - killed)
-            await page.wait_for_selector(row, timeout=max(0.1, left) * 1000)
-            shown = time.monotonic() - killed
-            print(f"ejected on the page {shown:.2f} s after the backend stopped")
-            text = await page.inner_text(row)
-            assert "ejected: consecutive" in text, text
-            assert await page.evaluate("window.sameDocument") is True  # no reload
-            log = await page.inner_text("#log")
-            assert f"{victim.key}: eject" in log
-        finally:
-            await close()
-        assert errors == []
+    async with (
+        backends(3) as bs,
+        LBProcess(*lb_args(bs)) as lb,
+        browser_page(tmp_path, lb.admin + "/") as page,
+    ):
+        await page.wait_for_function("document.querySelectorAll('tr[data-endpoint]').length === 3")
+        rows = await page.eval_on_selector_all(
+            "tr[data-endpoint]", "rs => rs.map(r => r.dataset.endpoint)"
+        )
+        assert sorted(rows) == sorted(b.key for b in bs)
+        assert await traffic(lb, range(60)) == [200] * 60
+        await page.evaluate("window.sameDocument = true")
+        victim = bs[1]
+        await victim.stop()
+        killed = time.monotonic()
+        # The requests whose home it was fail to connect there, are retried elsewhere
+        # (the client sees 200), and eject it after three such failures in a row.
+        assert await traffic(lb, range(60, 120)) == [200] * 60
+        row = f'tr.ejected[data-endpoint="{victim.key}"]'
+        left = 2.0 - (time.monotonic() - killed)
+        await page.wait_for_selector(row, timeout=max(0.1, left) * 1000)
+        shown = time.monotonic() - killed
+        print(f"ejected on the page {shown:.2f} s after the backend stopped")
+        text = await page.inner_text(row)
+        assert "ejected: consecutive" in text, text
+        assert await page.evaluate("window.sameDocument") is True  # no reload
+        log = await page.inner_text("#log")
+        assert f"{victim.key}: eject" in log
 
 
 @needs_browser
@@ -105,9 +106,7 @@ async def test_the_key_box_shows_what_ring_answers(tmp_path):
             s.get(lb.admin + "/ring", params={"key": "alice"}) as r,
         ):
             ring = await r.json()
-        page, errors, close = await browser_page(tmp_path)
-        try:
-            await page.goto(lb.admin + "/")
+        async with browser_page(tmp_path, lb.admin + "/") as page:
             await page.wait_for_selector("#keycluster option", state="attached")
             await page.fill("#key", "alice")
             await page.click("#keyform button")
@@ -122,30 +121,24 @@ async def test_the_key_box_shows_what_ring_answers(tmp_path):
                 "key hash": str(ring["key_hash"]),
                 "hash input": ring["hash_input"],
             }
-        finally:
-            await close()
-        assert errors == []
 
 
 @needs_browser
 async def test_a_stopped_stream_is_said_and_offers_a_retry(tmp_path):
     async with backends(3) as bs:
         lb = await LBProcess(*lb_args(bs)).start()
-        page, errors, close = await browser_page(tmp_path)
         try:
-            await page.goto(lb.admin + "/")
-            await page.wait_for_selector("tr[data-endpoint]")
-            assert await page.is_hidden("#stream")
-            lb.proc.send_signal(signal.SIGKILL)
-            await lb.proc.wait()
-            await page.wait_for_selector("#stream", state="visible", timeout=5000)
-            assert "stream stopped" in await page.inner_text("#stream")
-            await page.click("#retry")  # the LB is still gone: said again
-            await page.wait_for_selector("#stream", state="visible", timeout=5000)
+            async with browser_page(tmp_path, lb.admin + "/") as page:
+                await page.wait_for_selector("tr[data-endpoint]")
+                assert await page.is_hidden("#stream")
+                lb.proc.send_signal(signal.SIGKILL)
+                await lb.proc.wait()
+                await page.wait_for_selector("#stream", state="visible", timeout=5000)
+                assert "stream stopped" in await page.inner_text("#stream")
+                await page.click("#retry")  # the LB is still gone: said again
+                await page.wait_for_selector("#stream", state="visible", timeout=5000)
         finally:
-            await close()
             await lb.stop()
-        assert errors == []
 
 
 @needs_browser
@@ -163,21 +156,18 @@ endpoints = ["{bs[0].key}"]
 endpoints = ["{bs[1].key}"]
 """
         )
-        async with LBProcess("--config", str(cfg)) as lb:
-            page, errors, close = await browser_page(tmp_path)
-            try:
-                await page.goto(lb.admin + "/")
-                await page.wait_for_selector(".routes")
-                text = await page.inner_text("#clusters")
-                assert f"cluster web {hostile}" in text
-                assert f"/{hostile}" in text
-                assert await page.evaluate("window.pwned") is None
-                scripts = await page.eval_on_selector_all("script", "s => s.length")
-                assert scripts == 1  # the page's own
-                assert await page.eval_on_selector_all("#clusters img", "s => s.length") == 0
-            finally:
-                await close()
-            assert errors == []
+        async with (
+            LBProcess("--config", str(cfg)) as lb,
+            browser_page(tmp_path, lb.admin + "/") as page,
+        ):
+            await page.wait_for_selector(".routes")
+            text = await page.inner_text("#clusters")
+            assert f"cluster web {hostile}" in text
+            assert f"/{hostile}" in text
+            assert await page.evaluate("window.pwned") is None
+            scripts = await page.eval_on_selector_all("script", "s => s.length")
+            assert scripts == 1  # the page's own
+            assert await page.eval_on_selector_all("#clusters img", "s => s.length") == 0
 
 
 async def read_events(
@@ -259,27 +249,25 @@ async def test_with_workers_the_stream_sums_counters_and_shows_each_workers_view
 
 @needs_browser
 async def test_updates_pause_while_the_tab_is_hidden(tmp_path):
-    async with backends(2) as bs, LBProcess(*lb_args(bs)) as lb:
-        page, errors, close = await browser_page(tmp_path)
-        try:
-            await page.goto(lb.admin + "/")
-            await page.wait_for_selector("tr[data-endpoint]")
+    async with (
+        backends(2) as bs,
+        LBProcess(*lb_args(bs)) as lb,
+        browser_page(tmp_path, lb.admin + "/") as page,
+    ):
+        await page.wait_for_selector("tr[data-endpoint]")
 
-            async def updated_changes() -> bool:
-                before = await page.inner_text("#updated")
-                await asyncio.sleep(1.6)  # three state events at 0.5 s
-                return await page.inner_text("#updated") != before
+        async def updated_changes() -> bool:
+            before = await page.inner_text("#updated")
+            await asyncio.sleep(1.6)  # three state events at 0.5 s
+            return await page.inner_text("#updated") != before
 
-            assert await updated_changes()
-            await page.evaluate(HIDE)
-            await asyncio.sleep(0.2)
-            assert not await updated_changes()
-            assert await page.is_hidden("#stream")  # paused, not broken
-            await page.evaluate(SHOW)
-            assert await updated_changes()
-        finally:
-            await close()
-        assert errors == []
+        assert await updated_changes()
+        await page.evaluate(HIDE)
+        await asyncio.sleep(0.2)
+        assert not await updated_changes()
+        assert await page.is_hidden("#stream")  # paused, not broken
+        await page.evaluate(SHOW)
+        assert await updated_changes()
 
 
 # A hidden tab, as the page sees one: document.hidden and its visibilitychange event.

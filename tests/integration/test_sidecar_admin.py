@@ -145,6 +145,7 @@ async def test_metrics_count_what_the_queries_got(db_url, store):
     assert grew(queries, transport="tcp", type="SRV", rcode="NOERROR") == 1
     assert grew("mesh_dns_dropped_total", transport="udp") == 4
     assert after[("mesh_dns_forwarded_total", (("transport", "udp"),))] == 0
+    assert after[("mesh_dns_unsent_total", (("transport", "udp"),))] == 0
     assert after[("mesh_dns_answer_entries", ())] > 0
     assert after[("mesh_dns_table_rebuild_seconds_count", ())] >= 1
     assert after[("mesh_registry_connected", ())] == 1
