@@ -42,6 +42,7 @@ COMMAND_MODULES = (
     "mesh.cmd_db",
     "mesh.cmd_ls",
     "mesh.cmd_resolve",
+    "mesh.cmd_admin",
 )
 
 

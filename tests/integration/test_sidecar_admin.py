@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import struct
+import sys
 
 import aiohttp
 import dns.asyncquery
@@ -185,3 +186,45 @@ async def test_dns_view_shows_the_answers_given_now(db_url, store):
         assert "default-src 'none'" in headers["Content-Security-Policy"]
         assert "<script" not in page
         assert "1 7 5432 main.db.service.mesh." in page and "fd00::5" in page
+
+
+async def mesh_admin(*args: str) -> tuple[int, str, str]:
+    """``mesh admin ARGS``: exit status, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mesh", "admin", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.one_loop
+async def test_mesh_admin_exits_0_while_healthz_is_200_and_1_otherwise():
+    """The command a compose healthcheck or a Kubernetes exec probe runs beside a sidecar."""
+    port = free_port()
+    url = f"mongodb://127.0.0.1:{port}/?serverSelectionTimeoutMS=500"
+    async with sidecar(url, "--drain", "30") as (proc, _, admin):
+        where = admin.removeprefix("http://")
+        code, out, err = await mesh_admin("--admin", where)  # no registry: 503 registering
+        assert code == 1
+        assert json.loads(out)["state"] == "registering"
+        assert err.strip() == f"mesh admin: {where}/healthz: 503 Service Unavailable"
+        db = await Proc.start("db", "--host", "127.0.0.1", "--port", str(port), "--data", "memory")
+        try:
+            async with asyncio.timeout(30):
+                while (code := (await mesh_admin("--admin", where))[0]) != 0:
+                    await asyncio.sleep(0.2)
+            code, out, err = await mesh_admin("--admin", where, "/dns")
+            assert code == 0 and err == ""
+            assert "web" in json.loads(out)["services"]
+            proc.proc.send_signal(signal.SIGTERM)  # draining: not ready any more
+            async with asyncio.timeout(10):
+                while (await mesh_admin("--admin", where))[0] != 1:
+                    await asyncio.sleep(0.2)
+        finally:
+            await db.stop()
+    code, out, err = await mesh_admin("--admin", where)  # nothing listens
+    assert (code, out) == (1, "")
+    assert err.startswith(f"mesh admin: {where}/healthz: ") and err.count("\n") == 1
+    code, _, err = await mesh_admin("healthz")
+    assert code == 2 and err.count("\n") == 1 and "PATH must start with /" in err
