@@ -2,7 +2,8 @@
 
 It is how a container's own health reaches its orchestrator when the admin port listens on
 loopback only: a compose ``healthcheck`` or a Kubernetes ``exec`` probe runs
-``mesh admin /healthz`` beside the sidecar, and ``docker compose exec lb mesh admin --admin
+``mesh admin /healthz`` beside the sidecar, a pod's ``preStop`` runs ``mesh admin --post
+/drain``, and ``docker compose exec lb mesh admin --admin
 127.0.0.1:9901 /clusters`` reads the LB's. Exit status: 0 for a 2xx answer, 1 for any other
 answer or none, 2 for a usage error.
 """
@@ -25,6 +26,7 @@ OPTIONS = (
 
 def _setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", nargs="?", default="/healthz", metavar="PATH", help="default /healthz")
+    p.add_argument("--post", action="store_true", help="POST (e.g. /drain), not GET")
 
 
 def run(values: dict[str, Any], ns: argparse.Namespace) -> int:
@@ -39,7 +41,7 @@ def run(values: dict[str, Any], ns: argparse.Namespace) -> int:
     where = format_host_port(values["admin"])
     conn = http.client.HTTPConnection(host, port, timeout=values["timeout"])
     try:
-        conn.request("GET", path, headers={"Accept": "application/json"})
+        conn.request("POST" if ns.post else "GET", path, headers={"Accept": "application/json"})
         resp = conn.getresponse()
         body = resp.read()
     except (OSError, http.client.HTTPException) as exc:

@@ -9,6 +9,10 @@
   outcome; the instance's lifecycle state and published status.
 - ``/dns``: the SRV and address answers this sidecar gives right now, per service, read
   through the same table that answers queries: JSON, or a small page when a browser asks.
+- ``POST /drain``: start the drain a signal would (out of DNS and the LB, deregistered after
+  the drain time) but keep serving DNS until the signal comes: a pod's ``preStop``
+  (``mesh admin --post /drain``). 202 with the state; a request carrying ``Origin`` (a
+  browser's, from whatever page) gets 403.
 """
 
 from __future__ import annotations
@@ -217,7 +221,15 @@ def make_app(agent: Agent, server: DnsServer) -> web.Application:
             )
         return web.json_response(view, headers=headers)
 
+    async def drain(request: web.Request) -> web.Response:
+        if "Origin" in request.headers:
+            return web.json_response({"error": "cross-origin request"}, status=403)
+        started = agent.request_drain()
+        _, body = health(agent, server)
+        return web.json_response({**body, "drain_started": started}, status=202)
+
     app.router.add_get("/healthz", healthz)
+    app.router.add_post("/drain", drain)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/dns", dns_answers)
     return app

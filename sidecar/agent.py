@@ -10,7 +10,9 @@ Three tasks share one store:
   which keeps answering from the last one while the registry is away.
 
 SIGTERM or SIGINT starts the drain (``draining`` at once, deregister after ``drain``
-seconds, exit 0); a second signal exits at once.
+seconds, exit 0); a second signal exits at once. A drain asked for on the admin port (a
+pod's ``preStop``) does the same but keeps the process, and its DNS, until a signal comes:
+the app still resolves names while it shuts down, and the signal then exits at once.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class Agent:
         self._wake = asyncio.Event()
         self._abort = asyncio.Event()
         self._drain_requested = False
+        self._hold = False  # drained on request: stay up (DNS) until a signal
+        self._released = asyncio.Event()
         self._last_error = ""
         # What the admin port counts: renewals by outcome, probes by result.
         self.renewals: Counter[str] = Counter()
@@ -85,17 +89,36 @@ class Agent:
     # Signals
 
     def request_stop(self) -> None:
-        """First call: drain and exit. Second call: exit at once."""
+        """First call: drain (unless draining already) and exit. Second call: exit at once."""
         self.signals += 1
         if self.signals == 1:
-            log.info("%s: stopping: draining for %g s", self.instance.id, self.config.drain)
-            self._drain_requested = True
-            if self.lifecycle is not None:
-                self.lifecycle.drain(asyncio.get_running_loop().time())
-            self._wake.set()
+            self._hold = False
+            self._released.set()
+            if not self._drain_requested:
+                log.info("%s: stopping: draining for %g s", self.instance.id, self.config.drain)
+                self._begin_drain()
         else:
             log.warning("%s: second signal: exiting now", self.instance.id)
             self._abort.set()
+
+    def request_drain(self) -> bool:
+        """Drain, deregister, and keep serving until a signal. False if already draining."""
+        if self._drain_requested:
+            return False
+        log.info(
+            "%s: drain requested: draining for %g s, then serving DNS until stopped",
+            self.instance.id,
+            self.config.drain,
+        )
+        self._hold = True
+        self._begin_drain()
+        return True
+
+    def _begin_drain(self) -> None:
+        self._drain_requested = True
+        if self.lifecycle is not None:
+            self.lifecycle.drain(asyncio.get_running_loop().time())
+        self._wake.set()
 
     # The loop
 
@@ -131,6 +154,12 @@ class Agent:
             await asyncio.wait((life, abort), return_when=asyncio.FIRST_COMPLETED)
             if life.done():
                 life.result()
+                if self._hold:  # gone from the registry; the process waits for its signal
+                    released = asyncio.create_task(self._released.wait(), name="released")
+                    tasks.append(released)
+                    await asyncio.wait((released, abort), return_when=asyncio.FIRST_COMPLETED)
+                    if abort.done():
+                        return EXIT_ABORTED
                 return 0
             return EXIT_ABORTED
         finally:

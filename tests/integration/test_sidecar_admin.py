@@ -228,3 +228,39 @@ async def test_mesh_admin_exits_0_while_healthz_is_200_and_1_otherwise():
     assert err.startswith(f"mesh admin: {where}/healthz: ") and err.count("\n") == 1
     code, _, err = await mesh_admin("healthz")
     assert code == 2 and err.count("\n") == 1 and "PATH must start with /" in err
+
+
+@pytest.mark.one_loop
+async def test_drain_on_request_deregisters_but_keeps_dns_until_the_signal(db_url, store):
+    """A pod's preStop, ``mesh admin --post /drain``: out of DNS and the registry while the
+    app still runs and still resolves names through the sidecar; SIGTERM then exits."""
+    async with (
+        aiohttp.ClientSession() as session,
+        sidecar(db_url, "--drain", "1") as (
+            proc,
+            dns_at,
+            admin,
+        ),
+    ):
+        await healthz_until(session, admin, 200, timeout=20)
+        assert [i.instance for i in await store.list("web")] == ["one"]
+        where = admin.removeprefix("http://")
+        async with session.post(f"{admin}/drain", headers={"Origin": "http://evil.test"}) as r:
+            assert r.status == 403  # a browser's request, from any page: refused
+        assert (await get(session, f"{admin}/healthz"))[0] == 200
+        code, out, err = await mesh_admin("--admin", where, "--post", "/drain")
+        assert (code, err) == (0, "")
+        assert json.loads(out)["drain_started"] is True
+        gone = await healthz_until(session, admin, 503, timeout=5)
+        assert gone["state"] in ("draining", "gone")
+        async with asyncio.timeout(10):  # deregistered after the drain time
+            while json.loads((await get(session, f"{admin}/healthz"))[1])["state"] != "gone":
+                await asyncio.sleep(0.1)
+        assert await store.list("web") == []
+        assert proc.proc.returncode is None  # still up
+        reply = await udp(dns.message.make_query("_web._tcp.service.mesh.", "SRV"), dns_at)
+        assert reply.rcode() == dns.rcode.NXDOMAIN  # answered: the table no longer has it
+        code, out, _ = await mesh_admin("--admin", where, "--post", "/drain")
+        assert code == 0 and json.loads(out)["drain_started"] is False
+        proc.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.proc.wait(), 5) == 0
