@@ -31,6 +31,7 @@ class Command:
     setup: Callable[[argparse.ArgumentParser], None] | None = None
     config_file: bool = True  # accepts --config FILE
     extra_file_keys: tuple[str, ...] = field(default=())
+    passthrough: bool = False  # takes ``-- ARGS`` as ns.passthrough (another parser's flags)
 
 
 # Subcommand modules, in the order `mesh --help` lists them. Each exposes COMMAND.
@@ -43,6 +44,7 @@ COMMAND_MODULES = (
     "mesh.cmd_ls",
     "mesh.cmd_resolve",
     "mesh.cmd_admin",
+    "mesh.cmd_k8s",
 )
 
 
@@ -107,8 +109,14 @@ def parse(
 ) -> tuple[Command, dict[str, Any], argparse.Namespace]:
     """Parse and resolve a command line without running it (used by the compose checks)."""
     env = dict(os.environ if env is None else env)
-    parser, commands = build_parser(_named(argv))
-    ns = parser.parse_args(list(argv))
+    only = _named(argv)
+    parser, commands = build_parser(only)
+    argv, rest = list(argv), []
+    if only is not None and "--" in argv and next(iter(commands.values())).passthrough:
+        cut = argv.index("--")
+        argv, rest = argv[:cut], argv[cut + 1 :]
+    ns = parser.parse_args(argv)
+    ns.passthrough = rest
     if not ns.command:
         parser.print_help(sys.stderr)
         parser.exit(EXIT_USAGE)
