@@ -9,21 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from mesh.cli import Command
-from mesh.config import Option, integer, text
+from mesh.config import Option, integer, ip_address, text
 from mesh.embedded_db import server_command
 
-
-def _host(value: Any) -> str:
-    import ipaddress
-
-    try:
-        return str(ipaddress.ip_address(str(value)))
-    except ValueError:
-        raise ValueError(f"must be an IP address, got {value!r}") from None
-
-
 OPTIONS = (
-    Option("host", _host, "127.0.0.1", "address to listen on", metavar="IP"),
+    Option("host", ip_address, "127.0.0.1", "address to listen on", metavar="IP"),
     Option("port", integer(0, 65535), 27017, "port to listen on (0: any free port)"),
     Option("data", text, "memory", "SQLite file to keep data in, or 'memory'", metavar="PATH"),
 )

@@ -15,7 +15,7 @@ import yaml
 
 from mesh import __version__
 from mesh.cli import Command
-from mesh.config import ConfigError, Option, format_host_port, integer, text
+from mesh.config import ConfigError, Option, format_host_port, integer, ip_address, text
 from mesh.k8s import RESERVED, InjectError, Settings, inject_documents
 
 
@@ -26,21 +26,12 @@ def _secret(value: Any) -> tuple[str, str]:
     return name, key or "mongo-url"
 
 
-def _ip(value: Any) -> str:
-    import ipaddress
-
-    try:
-        return str(ipaddress.ip_address(str(value)))
-    except ValueError:
-        raise ValueError(f"must be an IP address, got {value!r}") from None
-
-
 OPTIONS = (
     Option("service", text, None, "service name the sidecar registers (required)", metavar="NAME"),
     Option("port", integer(1, 65535), None, "the app's port (required)", metavar="PORT"),
     Option("image", text, f"mesh:{__version__}", "the sidecar's image", metavar="IMAGE"),
     Option("mongo-url-secret", _secret, ("mesh-registry", "mongo-url"), "Secret (in the workload's namespace) holding the registry URL, NAME[:KEY]", metavar="NAME[:KEY]"),
-    Option("cluster-dns", _ip, "10.96.0.10", "the cluster DNS Service's IP, the pod's second nameserver (kubectl -n kube-system get svc kube-dns)", metavar="IP"),
+    Option("cluster-dns", ip_address, "10.96.0.10", "the cluster DNS Service's IP, the pod's second nameserver (kubectl -n kube-system get svc kube-dns)", metavar="IP"),
 )  # fmt: skip
 
 

@@ -94,6 +94,14 @@ def choice(*values: str) -> Callable[[Any], str]:
     return parse
 
 
+def ip_address(value: Any) -> str:
+    """An IPv4 or IPv6 address, normalised."""
+    try:
+        return str(ipaddress.ip_address(str(value)))
+    except ValueError:
+        raise ValueError(f"must be an IP address, got {value!r}") from None
+
+
 def boolean(value: Any) -> bool:
     if isinstance(value, bool):
         return value
