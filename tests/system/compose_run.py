@@ -323,15 +323,7 @@ class Compose:
     def _spawn(
         self, ns: Host, argv: Sequence[str], label: str, *, env=None, caps: bool = False
     ) -> subprocess.Popen:
-        log = self.logdir / f"{label}.log"
-        with open(log, "ab") as out:
-            return ns.popen(
-                [*([] if caps else NO_CAPS), *argv],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
+        return spawn(ns, argv, self.logdir / f"{label}.log", env=env, caps=caps)
 
     # Running
 
@@ -489,6 +481,21 @@ class Compose:
         for etc in self._etc:
             shutil.rmtree(etc, ignore_errors=True)
         self._etc.clear()
+
+
+def spawn(
+    ns: Host, argv: Sequence[str], log: Path, *, env=None, caps: bool = False
+) -> subprocess.Popen:
+    """``argv`` in namespace ``ns``, its output appended to ``log``; with no capabilities
+    unless ``caps`` (the engine's own helpers keep theirs)."""
+    with open(log, "ab") as out:
+        return ns.popen(
+            [*([] if caps else NO_CAPS), *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
 
 
 _PING = (

@@ -153,6 +153,61 @@ def drive(host: Host, port: int, n: int, gap: float = 0.0) -> dict[str, int]:
     return json.loads(host.run(argv, timeout=120).stdout)
 
 
+# GETs from inside a host to a list of URLs in turn: 10 at a time, an x-user key each, until
+# `count` answers or `seconds` pass. Prints the statuses (or exceptions) counted, and when
+# each answering body (a peer's name) was last seen (wall clock).
+LOAD = """
+import asyncio, json, sys, time
+import aiohttp
+
+async def main(urls, count, seconds):
+    counts, last = {}, {}
+    deadline = time.monotonic() + seconds
+    sent = 0
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+        async def one():
+            nonlocal sent
+            while sent < count and time.monotonic() < deadline:
+                sent += 1
+                url = urls[sent % len(urls)]
+                try:
+                    async with s.get(url, headers={"x-user": f"u{sent}"}) as r:
+                        body = (await r.text()).strip()
+                        key = str(r.status)
+                        if r.status == 200:
+                            last[body] = time.time()
+                except Exception as exc:
+                    key = type(exc).__name__
+                counts[key] = counts.get(key, 0) + 1
+                await asyncio.sleep(0.01)
+        await asyncio.gather(*(one() for _ in range(10)))
+    print(json.dumps({"counts": counts, "last": last}))
+
+asyncio.run(main(sys.argv[3:], int(sys.argv[1]), float(sys.argv[2])))
+"""
+
+
+def start_load(host: Host, urls: Sequence[str], count: int, seconds: float) -> subprocess.Popen:
+    """The LOAD client in ``host``, bounded by ``count`` requests and ``seconds``."""
+    import sys
+
+    return host.popen(
+        [sys.executable, "-c", LOAD, str(count), str(seconds), *urls],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def load_result(proc: subprocess.Popen) -> dict:
+    """``{"counts": {status: n}, "last": {body: wall clock}}`` of a finished load."""
+    import json
+
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return json.loads(out)
+
+
 def wait_for(what: str, check, deadline: float = 40.0) -> float:
     """Seconds until ``check()`` holds, polled every 0.2 s; AssertionError after ``deadline``."""
     import time

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -19,44 +18,13 @@ from pathlib import Path
 import pytest
 
 from tests.system.compose_run import REPO, Compose
-from tests.system.netns import wait_for
+from tests.system.netns import load_result, start_load, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
 PEERS = ("peer1", "peer2", "peer3")
 SRV = "_peer._tcp.service.mesh"
-
-# GETs through the published LB port from the Docker host: 10 at a time, a key each, until
-# `count` answers or `seconds` pass. Prints the statuses (or exceptions) counted, and when
-# each peer last answered (wall clock).
-LOAD = """
-import asyncio, json, sys, time
-import aiohttp
-
-async def main(count, seconds):
-    counts, last = {}, {}
-    deadline = time.monotonic() + seconds
-    sent = 0
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
-        async def one():
-            nonlocal sent
-            while sent < count and time.monotonic() < deadline:
-                sent += 1
-                try:
-                    async with s.get("http://127.0.0.1:8080/", headers={"x-user": f"u{sent}"}) as r:
-                        body = (await r.text()).strip()
-                        key = str(r.status)
-                        if r.status == 200:
-                            last[body] = time.time()
-                except Exception as exc:
-                    key = type(exc).__name__
-                counts[key] = counts.get(key, 0) + 1
-                await asyncio.sleep(0.01)
-        await asyncio.gather(*(one() for _ in range(10)))
-    print(json.dumps({"counts": counts, "last": last}))
-
-asyncio.run(main(int(sys.argv[1]), float(sys.argv[2])))
-"""
+LB = "http://127.0.0.1:8080/"  # the published port, on the Docker host
 
 GET = """
 import sys, urllib.request
@@ -86,21 +54,6 @@ def lb_endpoints(compose: Compose) -> dict[str, dict]:
     """The LB's endpoints by address, asked on its admin port from its own namespace."""
     out = compose.exec("lb", ["mesh", "admin", "--admin", "127.0.0.1:9901", "/clusters"]).stdout
     return {e["host"]: e for e in json.loads(out)["clusters"][0]["endpoints"]}
-
-
-def start_load(compose: Compose, count: int, seconds: float) -> subprocess.Popen:
-    return compose.host.popen(
-        [sys.executable, "-c", LOAD, str(count), str(seconds)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def load_result(proc: subprocess.Popen) -> dict:
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    return json.loads(out)
 
 
 def test_every_service_comes_up_healthy(stack):
@@ -202,7 +155,7 @@ def test_stopped_peer_leaves_dns_and_the_lb_before_its_app_stops(stack):
             time.sleep(0.1)
 
     watcher = threading.Thread(target=watch)
-    load = start_load(stack, count=40000, seconds=14)
+    load = start_load(stack.host, [LB], count=40000, seconds=14)
     time.sleep(1)
     watcher.start()
     try:
@@ -225,7 +178,7 @@ def test_killed_peer_is_ejected_with_no_failed_idempotent_request(stack):
     ejects it at once and retries the GETs it was given; DNS drops it when its lease ends."""
     live = {p for p in PEERS if stack.services[p].running}
     assert "peer2" in live
-    load = start_load(stack, count=40000, seconds=10)
+    load = start_load(stack.host, [LB], count=40000, seconds=10)
     time.sleep(2)
     stack.kill("peer2", "peer2-sidecar")
     killed_at = time.time()
