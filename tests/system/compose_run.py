@@ -462,25 +462,34 @@ class Compose:
             proxy.kill()
         self.say(f"{svc.name} exited with {svc.proc.returncode}")
 
-    def print_logs(self, tail: int = 2000) -> None:
-        for log in sorted(self.logdir.glob("*.log")):
-            print(f"--- {log.name}\n{log.read_text(errors='replace')[-tail:]}")
+    def print_logs(self) -> None:
+        print_logs(self.logdir)
 
     def close(self) -> None:
         self._stopping.set()
         procs = [s.proc for s in self.services.values() if s.proc is not None] + self._helpers
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        for proc in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(10)
-        if self._topology is not None:
-            self._topology.close()
-            self._topology = None
-        for etc in self._etc:
-            shutil.rmtree(etc, ignore_errors=True)
-        self._etc.clear()
+        tear_down(procs, self._topology, self._etc)
+        self._topology = None
+
+
+def print_logs(logdir: Path, tail: int = 2000) -> None:
+    for log in sorted(logdir.glob("*.log")):
+        print(f"--- {log.name}\n{log.read_text(errors='replace')[-tail:]}")
+
+
+def tear_down(procs: list[subprocess.Popen], topology: Topology | None, etc: list[Path]) -> None:
+    """Kill ``procs``, remove the namespaces and their /etc/netns files."""
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+    if topology is not None:
+        topology.close()
+    for d in etc:
+        shutil.rmtree(d, ignore_errors=True)
+    etc.clear()
 
 
 def spawn(
