@@ -106,8 +106,10 @@ async def test_the_grace_holds_expired_instances_never_deregistered_ones(tmp_pat
             assert await writer.deregister("web/a")
             await _until(lambda: follower.connected, 20, "reconnected", follower)
             back = loop.time()
-            await _until(lambda: _ids(follower) == ["web/b"], 3, "a gone, b held", follower)
-            assert loop.time() - back < 3.0
+            # a goes at once after the reconnect (a read that fails backs off and retries),
+            # well before the 6 s grace would have let it go.
+            await _until(lambda: _ids(follower) == ["web/b"], 5, "a gone, b held", follower)
+            assert loop.time() - back < 5.0
         finally:
             await writer.close()
 
