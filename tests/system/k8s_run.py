@@ -149,10 +149,7 @@ class Cluster:
             f" by one embedded MongoDB wire-protocol server (mesh db) as mongo-0.{domain}"
         )
         self.say("override: Job mongo-init is not run (the embedded server has no replica set)")
-        with_ip = [
-            self.dns_host.cmd(["ip", "addr", "add", f"{self.cluster_dns}/32", "dev", "eth0"])
-        ]
-        subprocess.run(with_ip[0], check=True)
+        self.dns_host.run(["ip", "addr", "add", f"{self.cluster_dns}/32", "dev", "eth0"])
         for host in [self.mongo_host, self.client, *(p.ns for p in self.pods.values())]:
             host.run(["ip", "route", "add", f"{self.cluster_dns}/32", "dev", "eth0"])
         self._helpers.append(
@@ -178,8 +175,8 @@ class Cluster:
     def _cluster_dns_ip(self) -> str:
         for d in self.deployments:
             servers = (d["spec"]["template"]["spec"].get("dnsConfig") or {}).get("nameservers", [])
-            for s in servers[1:]:
-                return str(ipaddress.ip_address(s))
+            if len(servers) > 1:
+                return str(ipaddress.ip_address(servers[1]))
         raise AssertionError("no pod names the cluster DNS")
 
     def _resolv(self, ns: Host, pod: dict, namespace: str, hostname: str) -> None:

@@ -117,54 +117,19 @@ class Topology:
         self._created.clear()
 
 
-CLIENT = """
-import asyncio, json, sys
-import aiohttp
-
-async def main(url, n, gap):
-    counts = {}
-    sem = asyncio.Semaphore(10)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
-        async def one(i):
-            async with sem:
-                try:
-                    async with s.get(url, headers={"X-User": f"u{i}"}) as r:
-                        await r.read()
-                        key = str(r.status)
-                except Exception as exc:
-                    key = type(exc).__name__
-                counts[key] = counts.get(key, 0) + 1
-                await asyncio.sleep(gap)
-        await asyncio.gather(*(one(i) for i in range(n)))
-    print(json.dumps(counts))
-
-asyncio.run(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3])))
-"""
-
-
-def drive(host: Host, port: int, n: int, gap: float = 0.0) -> dict[str, int]:
-    """``n`` GETs from inside ``host`` to its own address at ``port`` (aiohttp, 10 at a
-    time, an ``X-User`` key each, each client pausing ``gap`` after each answer): how many
-    got each status, or each exception's name."""
-    import json
-    import sys
-
-    argv = [sys.executable, "-c", CLIENT, f"http://{host.address}:{port}/", str(n), str(gap)]
-    return json.loads(host.run(argv, timeout=120).stdout)
-
-
-# GETs from inside a host to a list of URLs in turn: 10 at a time, an x-user key each, until
-# `count` answers or `seconds` pass. Prints the statuses (or exceptions) counted, and when
-# each answering body (a peer's name) was last seen (wall clock).
+# GETs from inside a host to a list of URLs in turn: 10 at a time, an x-user key each, each
+# client pausing `gap` after each answer, until `count` answers or `seconds` pass. Prints
+# the statuses (or exceptions' names) counted, and when each answering body (a peer's name)
+# was last seen (wall clock).
 LOAD = """
 import asyncio, json, sys, time
 import aiohttp
 
-async def main(urls, count, seconds):
+async def main(count, seconds, gap, urls):
     counts, last = {}, {}
     deadline = time.monotonic() + seconds
     sent = 0
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
         async def one():
             nonlocal sent
             while sent < count and time.monotonic() < deadline:
@@ -179,33 +144,42 @@ async def main(urls, count, seconds):
                 except Exception as exc:
                     key = type(exc).__name__
                 counts[key] = counts.get(key, 0) + 1
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(gap)
         await asyncio.gather(*(one() for _ in range(10)))
     print(json.dumps({"counts": counts, "last": last}))
 
-asyncio.run(main(sys.argv[3:], int(sys.argv[1]), float(sys.argv[2])))
+asyncio.run(main(int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4:]))
 """
 
 
-def start_load(host: Host, urls: Sequence[str], count: int, seconds: float) -> subprocess.Popen:
+def start_load(
+    host: Host, urls: Sequence[str], count: int, seconds: float, gap: float = 0.01
+) -> subprocess.Popen:
     """The LOAD client in ``host``, bounded by ``count`` requests and ``seconds``."""
     import sys
 
     return host.popen(
-        [sys.executable, "-c", LOAD, str(count), str(seconds), *urls],
+        [sys.executable, "-c", LOAD, str(count), str(seconds), str(gap), *urls],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
 
 
-def load_result(proc: subprocess.Popen) -> dict:
+def load_result(proc: subprocess.Popen, timeout: float = 120) -> dict:
     """``{"counts": {status: n}, "last": {body: wall clock}}`` of a finished load."""
     import json
 
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err
     return json.loads(out)
+
+
+def drive(host: Host, port: int, n: int, gap: float = 0.0) -> dict[str, int]:
+    """``n`` GETs from inside ``host`` to its own address at ``port`` (the LOAD client):
+    how many got each status, or each exception's name."""
+    load = start_load(host, [f"http://{host.address}:{port}/"], n, seconds=110, gap=gap)
+    return load_result(load)["counts"]
 
 
 def wait_for(what: str, check, deadline: float = 40.0) -> float:
