@@ -4,12 +4,13 @@ sent upstream and the head the client gets. What remains here: the small respons
 framing pieces the proxy writes itself.
 
 Bytes in, calls out: a :class:`RequestReader` is fed bytes and calls its sink's
-``on_request(head)``, ``on_body(data)``, ``on_request_end()``; it raises
-:class:`BadRequest` with the status to answer; ``head.upstream_head(client_ip, …)`` is the
-request head to send upstream, as one bytes object. A :class:`ResponseReader` does the same
-for a peer's responses (``on_response(head)``, ``on_body``, ``on_response_end``, or
-:class:`BadResponse`), told before each exchange whether the request was a HEAD and whether
-it asked for an upgrade.
+``on_request(head, ended)`` (``ended``: no body follows), ``on_body(data)`` and
+``on_request_end()``; it raises :class:`BadRequest` with the status to answer. A
+:class:`ResponseReader` serves one upstream connection: ``start(head, …)`` returns the
+request head to send upstream and readies the reader for its response; ``feed(data, …)``
+returns, for each read from the peer, the bytes the client gets (one write: the head
+rebuilt, the body passed on) and what ended (the ``END_*`` bits), or raises
+:class:`BadResponse`.
 
 Rejections follow nginx and Envoy (RFC 9112 §6.1, §6.3 on request smuggling):
 Content-Length with Transfer-Encoding → 400; several Content-Length → 400; a
@@ -21,20 +22,26 @@ garbage → 400. ``THREAT_MODEL.md`` lists each with its reason.
 from __future__ import annotations
 
 from mesh_native import (
+    END_CLIENT_CLOSE,
+    END_COMPLETE,
+    END_REUSABLE,
+    END_UPGRADED,
     BadRequest,
     BadResponse,
     RequestHead,
     RequestReader,
-    ResponseHead,
     ResponseReader,
 )
 
 __all__ = [
+    "END_CLIENT_CLOSE",
+    "END_COMPLETE",
+    "END_REUSABLE",
+    "END_UPGRADED",
     "BadRequest",
     "BadResponse",
     "RequestHead",
     "RequestReader",
-    "ResponseHead",
     "ResponseReader",
 ]
 

@@ -27,9 +27,13 @@ from lb.balancer import Pick
 from lb.cluster import Cluster, EndpointState
 from lb.hashing import extract
 from lb.outlier import Outcome
-from lb.retry import RETRY_STATUSES, should_retry
+from lb.retry import should_retry
 from lb.ring import hash_key
 from lb.server import Server
+
+END_UPGRADED = http1.END_UPGRADED
+END_CLIENT_CLOSE = http1.END_CLIENT_CLOSE
+END_REUSABLE = http1.END_REUSABLE
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mesh.lb.access")
@@ -42,10 +46,6 @@ BODY_BUFFER_BYTES = 256 * 1024  # request body buffered before an upstream is at
 # and the client could lose the answer (nginx lingering_timeout 5 s, lingering_time 30 s).
 LINGER_SECONDS = 2.0
 RETRY_AFTER = (b"Retry-After: 1",)
-# Hash keys seen recently and their hashes: most keys (users, sessions) come back often,
-# and a dict lookup costs a fraction of an MD5. Cleared whole when full.
-HASH_CACHE_ENTRIES = 65536
-_key_hashes: dict[bytes, int] = {}
 
 
 def _write(transport: asyncio.Transport | None, data: bytes) -> None:
@@ -95,7 +95,12 @@ class Request:
 
 
 class Upstream(asyncio.Protocol):
-    """One upstream keep-alive connection. Carries one exchange at a time."""
+    """One upstream keep-alive connection. Carries one exchange at a time.
+
+    Its reader (native) also relays: each read from the peer becomes the bytes of one write
+    to the client, the head rebuilt, the body passed on (re-chunked when its length is
+    unknown), and tells what the end of the response means for both connections.
+    """
 
     __slots__ = (
         "transport",
@@ -106,41 +111,24 @@ class Upstream(asyncio.Protocol):
         "req",
         "done",
         "status",
-        "resp",
         "started",
-        "head_only",
-        "discard",
-        "chunked_out",
-        "keep_alive_out",
-        "close_delimited",
         "upgraded",
         "first_byte",
-        "out",
         "pending",
     )
 
     def __init__(self, state: EndpointState) -> None:
         self.transport: asyncio.Transport | None = None
         self.state = state
-        self.parser = http1.ResponseReader(self)
+        self.parser = http1.ResponseReader()
         self.reusable = False
         self.down: Downstream | None = None
         self.req: Request | None = None
         self.done: Callable[[Outcome], None] | None = None
         self.pending: Outcome | None = None
         self.upgraded = False
-        self.out: list[bytes] | None = None  # downstream bytes gathered during one read
-        self._reset_exchange()
-
-    def _reset_exchange(self) -> None:
-        self.status = 0
-        self.resp: http1.ResponseHead | None = None
-        self.started = False  # a response byte reached the client
-        self.head_only = False
-        self.discard = False
-        self.chunked_out = False
-        self.keep_alive_out = True
-        self.close_delimited = False
+        self.status = 0  # of the response in flight, 0 before its head
+        self.started = False  # a byte of it reached the client
         self.first_byte = 0.0
 
     def __repr__(self) -> str:
@@ -163,13 +151,18 @@ class Upstream(asyncio.Protocol):
             return
         if self.done is None:
             return
-        if self.started and not self.close_delimited and down is not None:
-            down.abort()  # the body was cut short: the client must see an error, not an end
-        elif self.started and self.close_delimited and down is not None:
+        if self.started and down is not None:
+            parser = self.parser
+            if not parser.close_delimited:
+                down.abort()  # the body was cut short: the client must see an error, not an end
+                if self.req is not None:
+                    self.req.status = self.status
+                self._finish(Outcome.RESET)
+                return
             # The body ran to the close (no Content-Length, not chunked): a normal end.
-            if self.chunked_out:
+            if parser.chunked_out:
                 _write(down.transport, http1.LAST_CHUNK)
-            if not self.keep_alive_out:
+            if not parser.keep_alive_out:
                 down.keep_alive = False
             self._complete_at_close()
             return
@@ -205,47 +198,37 @@ class Upstream(asyncio.Protocol):
         if not self.first_byte:
             self.first_byte = time.monotonic()
         down = self.down
-        # Everything one read produces for the client (head, body, last chunk) goes out in
-        # one write: a syscall costs as much as all the Python around it.
-        self.out = []
         try:
-            offset = self.parser.feed(data)
+            out, self.status, self.started, end = self.parser.feed(
+                data, down.keep_alive and not down.server.draining
+            )
         except http1.BadResponse as exc:
-            self._flush(down)
+            parser = self.parser
+            self.status = parser.status
+            self.started = parser.started
+            _write(down.transport, parser.take() or b"")
             if exc.gateway:
                 self._bad_head()
             else:
                 log.debug("upstream %s: %s", self.state.endpoint.key, exc.detail)
                 self._broken()
             return
-        self._flush(down)
-        if offset is not None:
-            self._upgrade(data[offset:])
-        pending = self.pending
-        if pending is not None:
-            # The response ended in this read; its bytes are out, now let the request go on.
-            self.pending = None
-            done = self.done
-            self.done = None
-            if done is not None:
-                done(pending)
-
-    def _flush(self, down: Downstream | None) -> None:
-        out = self.out
-        self.out = None
-        if out and down is not None:
+        if out is not None:
+            # Everything one read produced for the client goes out in one write: a syscall
+            # costs as much as all the Python around it.
             t = down.transport
             if t is not None and not t.is_closing():
-                t.write(out[0] if len(out) == 1 else b"".join(out))
-
-    def _emit(self, data: bytes) -> None:
-        out = self.out
-        if out is not None:
-            out.append(data)
-        elif self.down is not None:
-            t = self.down.transport
-            if t is not None and not t.is_closing():
-                t.write(data)
+                t.write(out)
+        if end:
+            if end & END_UPGRADED:
+                self._upgrade(data[self.parser.upgrade_at :])
+            else:
+                self._complete(end)
+                # The response's bytes are out: now let the request go on.
+                done = self.done
+                self.done = None
+                if done is not None:
+                    done(self.pending)
 
     # Exchange
 
@@ -256,25 +239,16 @@ class Upstream(asyncio.Protocol):
         self.down = down
         self.req = req
         self.done = done
-        # _reset_exchange(), inline: this runs once per request.
         self.status = 0
-        self.resp = None
         self.started = False
-        self.head_only = False
-        self.chunked_out = False
-        self.keep_alive_out = True
-        self.close_delimited = False
         self.first_byte = 0.0
-        self.discard = discard_5xx
         head = req.head
-        self.head_only = head.method == b"HEAD"
         if down.writing_paused:
             self.transport.pause_reading()  # the client still has not taken the last response
-        upgrade = head.upgrade is not None
-        self.parser.expect(head_only=self.head_only, upgrade=upgrade)
-        data = head.upstream_head(
-            down.client_ip_bytes, upgrade=upgrade, default_host=self.state.host_header
+        data = self.parser.start(
+            head, down.client_ip_bytes, self.state.host_header, discard_5xx=discard_5xx
         )
+        upgrade = head.upgrade is not None
         if req.ended and not req.body and not req.replay and not upgrade:
             self.transport.write(data)  # no body, or none left to send: the common case
             return
@@ -332,28 +306,23 @@ class Upstream(asyncio.Protocol):
         if done is not None:
             done(outcome)
 
-    def _complete(self) -> None:
-        """The response ended: settle keep-alive, detach, and report after the flush.
-        Also the parser's ``on_message_complete``."""
+    def _complete(self, end: int) -> None:
+        """The response ended (``end``: the reader's END_* bits): settle keep-alive, detach,
+        and keep the outcome for after the flush."""
         status = self.status
-        if status == 0 or status == 101:
-            return  # a 101 goes on as a tunnel (the reader's upgrade offset)
         down = self.down
         req = self.req
-        body_sent = req is not None and req.ended
-        if self.started and down is not None:
-            if self.chunked_out:
-                self._emit(http1.LAST_CHUNK)
-            if not self.keep_alive_out:
-                down.keep_alive = False
-        if req is not None and not req.ended and down is not None:
+        body_sent = req.ended
+        if end & END_CLIENT_CLOSE:
+            down.keep_alive = False
+        if not body_sent:
             down.keep_alive = False  # the upstream answered before the body ended
+        if self.started:
+            req.status = status
         # Bytes no response explains (a second response in the same write, a body longer
         # than declared) mean the connection is in no known state: it is not pooled.
-        resp = self.resp
-        upstream_keep = resp is not None and resp.keep_alive and not self.parser.stray
-        self.reusable = self.reusable and body_sent and upstream_keep
-        if req is not None and req.sink is self:
+        self.reusable = self.reusable and body_sent and end & END_REUSABLE != 0
+        if req.sink is self:
             req.sink = None
         self.down = None
         self.req = None
@@ -361,8 +330,10 @@ class Upstream(asyncio.Protocol):
 
     def _complete_at_close(self) -> None:
         req = self.req
-        if req is not None and req.sink is self:
-            req.sink = None
+        if req is not None:
+            req.status = self.status
+            if req.sink is self:
+                req.sink = None
         self.down = None
         self.req = None
         self._finish(Outcome.OK)
@@ -381,12 +352,10 @@ class Upstream(asyncio.Protocol):
         self.close()
 
     def _upgrade(self, rest: bytes) -> None:
-        if self.status != 101:
-            self._broken()
-            return
         down = self.down
         req = self.req
-        pending = req.tunnel_data if req is not None else b""
+        req.status = 101
+        pending = req.tunnel_data
         self.upgraded = True
         self.reusable = False
         self._finish(Outcome.OK)
@@ -406,61 +375,6 @@ class Upstream(asyncio.Protocol):
         self.reusable = False
         if self.transport is not None:
             self.transport.close()
-
-    # Response reader sink (native): interim 1xx heads, a 101 nobody asked for, misframed
-    # and oversized heads never get here; they are the reader's (native/src/http/response.rs).
-
-    def on_response(self, resp: http1.ResponseHead) -> None:
-        status = resp.status
-        self.status = status
-        self.resp = resp
-        head_only = self.head_only
-        if (head_only or status == 204 or status == 304) and resp.declared_body:
-            # No body follows (RFC 9112 §6.3), whatever the head declared. A peer that
-            # declared one may still write it, later and in another segment, where the next
-            # request on a pooled connection would read it as its own response: such a
-            # connection is not pooled.
-            self.reusable = False
-        if self.discard and status in RETRY_STATUSES:
-            return  # drop this response; the caller retries elsewhere
-        self.discard = False
-        down = self.down
-        if down is None or down.transport is None or down.transport.is_closing():
-            self.discard = True  # nobody to send it to: read it to the end and drop it
-            return
-        req_head = self.req.head
-        cl = None if resp.chunked else resp.content_length
-        no_body = head_only or status == 204 or status == 304 or status == 101
-        client_v11 = req_head.version == "1.1"
-        keep = down.keep_alive and req_head.keep_alive and not down.server.draining
-        if no_body or cl is not None:
-            chunked_out = False
-        elif client_v11:
-            chunked_out = True
-        else:
-            chunked_out = False
-            keep = False  # HTTP/1.0 client, unknown length: the close ends the body
-        self.close_delimited = cl is None and not resp.chunked and not no_body
-        self.chunked_out = chunked_out
-        self.keep_alive_out = keep
-        self.started = True
-        self.req.status = status
-        self.out.append(
-            resp.client_head(client_v11=client_v11, chunked=chunked_out, keep_alive=keep)
-        )
-
-    def on_body(self, data: bytes) -> None:
-        if self.discard:
-            return
-        out = self.out
-        if self.chunked_out:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
-        if out is not None:
-            out.append(data)
-        else:
-            self._emit(data)
-
-    on_response_end = _complete
 
 
 # Downstream connection
@@ -599,11 +513,10 @@ class Downstream(asyncio.Protocol):
 
     # Parser sink
 
-    def on_request(self, head: http1.RequestHead) -> None:
+    def on_request(self, head: http1.RequestHead, ended: bool) -> None:
         self.head_since = 0.0
         req = Request(head)
-        if head.upgrade is not None:
-            req.ended = False
+        req.ended = ended
         self.queue.append(req)
         if self.busy or len(self.queue) > 1:
             self.buffer_full = True  # pipelined: one at a time
@@ -759,26 +672,16 @@ class Downstream(asyncio.Protocol):
         cfg = cluster.config
         key_hash = None
         if cluster.hashed:
-            key = None
             name = cluster.hash_header
-            if name is not None:  # the common case, without the general extractor
-                for hname, value in head.picked:
-                    if hname == name and value:
-                        key = value
-                        break
-            if key is None and cfg.hash_on:
+            # The common case (a header) is one native call; the rest, the general extractor.
+            key_hash = head.key_hash(name) if name is not None else None
+            if key_hash is None and cfg.hash_on:
                 found = extract(
                     cfg.hash_on, headers=head.picked, url=head.url, client_ip=self.client_ip
                 )
                 if found is not None:
-                    key = found[1]
-            if key is not None:
-                key_hash = _key_hashes.get(key)
-                if key_hash is None:
-                    if len(_key_hashes) >= HASH_CACHE_ENTRIES:
-                        _key_hashes.clear()
-                    key_hash = _key_hashes[key] = hash_key(key)
-            else:
+                    key_hash = hash_key(found[1])
+            if key_hash is None:
                 cluster.stats.random_picks += 1
         tries = 1 + cfg.retries
         home = cluster.home(key_hash) if key_hash is not None else -1

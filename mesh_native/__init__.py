@@ -2,7 +2,7 @@
 
 It holds what runs per request and per query; Python drives it and keeps the control plane.
 Today: the consistent-hash tables (Maglev, ketama ring), the key hash, and HTTP/1.1 both ways:
-the request reader and the upstream head, the response reader and the client's head
+the request reader and the upstream head, the response reader and relay (the client's head and body)
 (httparse, and the framing and smuggling rules on top of it), and the per-endpoint and
 per-cluster counters and latency histograms the admin port reads; and the sidecar's DNS
 reply table with its batched UDP path (``recvmmsg``, answer, ``sendmmsg``).
@@ -33,6 +33,10 @@ class BadResponse(Exception):
 
 try:
     from mesh_native._core import (
+        END_CLIENT_CLOSE,
+        END_COMPLETE,
+        END_REUSABLE,
+        END_UPGRADED,
         LATENCY_BUCKETS,
         MAGLEV_DEFAULT_SIZE,
         Counters,
@@ -41,7 +45,6 @@ try:
         MaglevTable,
         RequestHead,
         RequestReader,
-        ResponseHead,
         ResponseReader,
         RingTable,
         is_prime,
@@ -54,6 +57,10 @@ except ImportError as exc:  # an install without the compiled module: say so, ne
     ) from exc
 
 __all__ = [
+    "END_CLIENT_CLOSE",
+    "END_COMPLETE",
+    "END_REUSABLE",
+    "END_UPGRADED",
     "LATENCY_BUCKETS",
     "MAGLEV_DEFAULT_SIZE",
     "BadRequest",
@@ -64,7 +71,6 @@ __all__ = [
     "MaglevTable",
     "RequestHead",
     "RequestReader",
-    "ResponseHead",
     "ResponseReader",
     "RingTable",
     "is_prime",

@@ -16,56 +16,40 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from perf.callgrind import counted
 from perf.dns_bench import COMPLETED, QUERIES, _free_udp_port, _pin, wait_answering
 
-TOTALS = re.compile(r"^(?:summary|totals):\s+(\d+)", re.MULTILINE)
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def total_instructions(checkout: Path, queries: int, inflight: int, qtype: str) -> tuple[int, int]:
     """(instructions in all, queries answered)."""
-    work = Path(tempfile.mkdtemp(prefix="mesh-callgrind-"))
-    try:
-        queryfile = work / "queries"
+    with tempfile.TemporaryDirectory(prefix="mesh-queries-") as work:
+        queryfile = Path(work) / "queries"
         queryfile.write_text(QUERIES[qtype] + "\n")
-        out = work / "callgrind.out"
         sock = _free_udp_port()
         port, fd = sock.getsockname()[1], sock.fileno()
         argv = [
-            "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
             str(checkout / ".venv/bin/python"), "-m", "perf.dns_bench", "--serve", str(fd),
             "--instances", "3",
         ]  # fmt: skip
-        proc = subprocess.Popen(
-            _pin(argv, "0"), pass_fds=(fd,), cwd=checkout,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        sock.close()
-        try:
+
+        def drive() -> int:
+            sock.close()  # the server holds it now
+            # wait_answering's own few queries are about the same in both runs.
             wait_answering(port, timeout=300)
             if inflight == 1:
-                done = one_at_a_time(port, qtype, queries)
-            else:
-                done = with_dnsperf(port, queryfile, queries, inflight)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(120)
-        # wait_answering's own few queries are about the same in both runs.
-        found = TOTALS.search(out.read_text())
-        if not found:
-            raise RuntimeError("callgrind wrote no totals")
-        return int(found.group(1)), done
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+                return one_at_a_time(port, qtype, queries)
+            return with_dnsperf(port, queryfile, queries, inflight)
+
+        return counted(argv, drive, cwd=checkout, core="0", pass_fds=(fd,))
 
 
 def with_dnsperf(port: int, queryfile: Path, queries: int, inflight: int) -> int:

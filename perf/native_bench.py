@@ -33,8 +33,9 @@ class Sink:
         self.head = None
         self.ends = 0
 
-    def on_request(self, head) -> None:
+    def on_request(self, head, ended: bool = False) -> None:
         self.head = head
+        self.ends += ended
 
     def on_body(self, data: bytes) -> None:
         pass

@@ -4,7 +4,6 @@
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::py_http::{PyResponseHead, PyResponseReader, RequestHead, RequestReader};
 use crate::table::{self, ketama::Ring, maglev::Maglev};
 
 /// A Maglev table, built once and never changed.
@@ -122,10 +121,7 @@ fn is_prime(n: u64) -> bool {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyMaglev>()?;
     m.add_class::<PyRing>()?;
-    m.add_class::<RequestReader>()?;
-    m.add_class::<RequestHead>()?;
-    m.add_class::<PyResponseReader>()?;
-    m.add_class::<PyResponseHead>()?;
+    crate::py_http::register(m)?;
     m.add_class::<crate::py_dns::PyDnsTable>()?;
     m.add_class::<crate::py_dns::PyDnsUdp>()?;
     m.add_function(wrap_pyfunction!(key_hash, m)?)?;

@@ -9,8 +9,9 @@ use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::http::reader::{RequestStream, Sink};
+use crate::http::relay::{end, Exchange, Relay};
 use crate::http::request::{Head, Version};
-use crate::http::response::{self, Fault, ResponseHead, ResponseStream};
+use crate::http::response::{Fault, ResponseStream};
 use crate::http::{rewrite, Reject};
 
 /// `mesh_native.BadRequest` (a Python class: an abi3 module cannot subclass exceptions).
@@ -42,9 +43,6 @@ pub struct RequestHead {
     host: Py<PyBytes>,
     #[pyo3(get)]
     upgrade: Option<Py<PyBytes>>,
-    /// `(lower-cased name, value)` of the fields the router asked for.
-    #[pyo3(get)]
-    picked: Py<PyList>,
     #[pyo3(get)]
     content_length: Option<u64>,
     #[pyo3(get)]
@@ -73,11 +71,6 @@ fn version_str(py: Python<'_>, v: Version) -> Py<PyString> {
 
 impl RequestHead {
     fn new(py: Python<'_>, head: Box<Head>) -> PyResult<Self> {
-        let picked: Vec<Bound<'_, PyTuple>> = head
-            .picked
-            .iter()
-            .map(|(n, v)| PyTuple::new(py, [PyBytes::new(py, n), PyBytes::new(py, v)]))
-            .collect::<PyResult<_>>()?;
         Ok(RequestHead {
             method: PyBytes::new(py, &head.method).unbind(),
             url: PyBytes::new(py, &head.target).unbind(),
@@ -87,7 +80,6 @@ impl RequestHead {
                 .upgrade
                 .as_deref()
                 .map(|u| PyBytes::new(py, u).unbind()),
-            picked: PyList::new(py, picked)?.unbind(),
             content_length: head.content_length,
             chunked: head.chunked,
             keep_alive: head.keep_alive,
@@ -102,6 +94,28 @@ impl RequestHead {
     #[getter]
     fn has_body(&self) -> bool {
         self.head.has_body()
+    }
+
+    /// `(lower-cased name, value)` of the fields the router asked for, in order.
+    #[getter]
+    fn picked<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let pairs: Vec<Bound<'py, PyTuple>> = self
+            .head
+            .picked
+            .iter()
+            .map(|(n, v)| PyTuple::new(py, [PyBytes::new(py, n), PyBytes::new(py, v)]))
+            .collect::<PyResult<_>>()?;
+        PyList::new(py, pairs)
+    }
+
+    /// The key hash (ketama, as `key_hash`) of the first non-empty value of the picked field
+    /// `name` (lower-case), or None: the router's common case in one call.
+    fn key_hash(&self, name: &[u8]) -> Option<u32> {
+        self.head
+            .picked
+            .iter()
+            .find(|(n, v)| n.as_slice() == name && !v.is_empty())
+            .map(|(_, v)| crate::table::key_hash(v))
     }
 
     /// The head to send upstream (see `native/src/http/rewrite.rs`).
@@ -173,7 +187,8 @@ impl<H: ToPython> Sink<H> for Collect<'_> {
 }
 
 /// One client connection's request reader: `feed(data)` parses, then calls the sink's
-/// `on_request(head)`, `on_body(data)` and `on_request_end()` in order; it raises
+/// `on_request(head, ended)`, `on_body(data)` and `on_request_end()` in order (`ended`: the
+/// request ended with its head, and no `on_request_end` follows); it raises
 /// `BadRequest` for a request that cannot be served, and returns the offset in `data` where
 /// an upgraded stream starts, if one does.
 #[pyclass(module = "mesh_native", name = "RequestReader")]
@@ -281,9 +296,17 @@ impl Collect<'_> {
         if let Some(e) = self.error {
             return Err(e);
         }
-        for event in self.events {
+        let mut events = self.events.into_iter().peekable();
+        while let Some(event) = events.next() {
             match event {
-                Event::Head(h) => sink.on_head.call1(self.py, (h,))?,
+                // A head whose request ends with it (no body): one call, `ended` true.
+                Event::Head(h) => {
+                    let ended = matches!(events.peek(), Some(Event::End));
+                    if ended {
+                        events.next();
+                    }
+                    sink.on_head.call1(self.py, (h, ended))?
+                }
                 Event::Body(b) => sink.on_body.call1(self.py, (b,))?,
                 Event::End => sink.on_end.call0(self.py)?,
             };
@@ -310,131 +333,135 @@ fn bad_response(py: Python<'_>, f: Fault) -> PyErr {
     }
 }
 
-/// A peer's response head.
-#[pyclass(frozen, module = "mesh_native", name = "ResponseHead")]
-pub struct PyResponseHead {
-    head: Box<ResponseHead>,
-    #[pyo3(get)]
-    status: u16,
-    #[pyo3(get)]
-    content_length: Option<u64>,
-    #[pyo3(get)]
-    chunked: bool,
-    /// The head declared a body (chunked, or a length above 0), whether or not one follows.
-    #[pyo3(get)]
-    declared_body: bool,
-    /// The peer keeps the connection open after this response.
-    #[pyo3(get)]
-    keep_alive: bool,
-}
-
-#[pymethods]
-impl PyResponseHead {
-    /// The head the client gets (see `client_head` in native/src/http/response.rs).
-    #[pyo3(signature = (*, client_v11, chunked, keep_alive))]
-    fn client_head<'py>(
-        &self,
-        py: Python<'py>,
-        client_v11: bool,
-        chunked: bool,
-        keep_alive: bool,
-    ) -> Bound<'py, PyBytes> {
-        PyBytes::new(
-            py,
-            &response::client_head(
-                &self.head,
-                response::Out {
-                    client_v11,
-                    chunked,
-                    keep_alive,
-                },
-            ),
-        )
-    }
-
-    fn __repr__(&self) -> String {
-        format!(
-            "<ResponseHead {} {}>",
-            self.status,
-            String::from_utf8_lossy(&self.head.reason)
-        )
-    }
-}
-
-impl ToPython for ResponseHead {
-    fn to_python(py: Python<'_>, head: Box<Self>) -> PyResult<Py<PyAny>> {
-        let h = PyResponseHead {
-            status: head.status,
-            content_length: head.content_length,
-            chunked: head.chunked,
-            declared_body: head.declared_body,
-            keep_alive: head.keep_alive,
-            head,
-        };
-        Ok(Py::new(py, h)?.into_any())
-    }
-}
-
-/// One upstream connection's response reader. `expect(head_only, upgrade)` before each
-/// exchange; `feed(data)` parses, then calls the sink's `on_response(head)`, `on_body(data)`
-/// (body data, de-chunked) and `on_response_end()`; it raises `BadResponse` for a response
-/// that must not reach the client, and returns the offset in `data` where a 101's new
-/// protocol starts.
+/// One upstream connection's response reader and relay. `start(head, …)` before each
+/// exchange returns the request head to send; `feed(data, keep_alive)` reads what the peer
+/// sent and returns `(out, status, started, end)`: the bytes for the client from this read
+/// (one write), the response's status (0 before its head), whether any of it goes to the
+/// client, and what ended (`END_*` bits, 0 while the response goes on). It raises
+/// `BadResponse` for a response that must not reach the client; `take()` then gives what was
+/// relayed before the fault.
 #[pyclass(module = "mesh_native", name = "ResponseReader")]
+#[derive(Default)]
 pub struct PyResponseReader {
     stream: ResponseStream,
-    sink: Option<SinkMethods>,
+    relay: Relay,
+    upgrade_at: Option<usize>,
+}
+
+fn out_bytes<'py>(py: Python<'py>, out: &mut Vec<u8>) -> Option<Bound<'py, PyBytes>> {
+    if out.is_empty() {
+        return None;
+    }
+    let b = PyBytes::new(py, out);
+    out.clear();
+    Some(b)
 }
 
 #[pymethods]
 impl PyResponseReader {
     #[new]
-    fn new(sink: &Bound<'_, PyAny>) -> PyResult<Self> {
-        Ok(PyResponseReader {
-            stream: ResponseStream::default(),
-            sink: Some(SinkMethods::of(
-                sink,
-                ["on_response", "on_body", "on_response_end"],
-            )?),
-        })
+    fn new() -> Self {
+        PyResponseReader::default()
     }
 
-    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
-        SinkMethods::traverse(self.sink.as_ref(), &visit)
-    }
-
-    fn __clear__(&mut self) {
-        self.sink = None;
-    }
-
-    /// A request went out: read its response.
-    #[pyo3(signature = (*, head_only, upgrade))]
-    fn expect(&mut self, head_only: bool, upgrade: bool) {
+    /// A request goes out: the head to send (see `native/src/http/rewrite.rs`), and its
+    /// response read from now on. `discard_5xx`: a 502, 503 or 504 is dropped (a retry
+    /// follows).
+    #[pyo3(signature = (head, client_ip, default_host, *, discard_5xx))]
+    fn start<'py>(
+        &mut self,
+        py: Python<'py>,
+        head: &RequestHead,
+        client_ip: &[u8],
+        default_host: &[u8],
+        discard_5xx: bool,
+    ) -> Bound<'py, PyBytes> {
+        let h = &head.head;
+        let head_only = h.method.as_slice() == b"HEAD";
+        let upgrade = h.upgrade.is_some();
         self.stream.expect(head_only, upgrade);
-    }
-
-    /// Bytes came that no response explains: the connection is not to be reused.
-    #[getter]
-    fn stray(&self) -> bool {
-        self.stream.stray()
-    }
-
-    fn feed(slf: &Bound<'_, Self>, data: &[u8]) -> PyResult<Option<usize>> {
-        let py = slf.py();
-        let mut out = Collect {
+        self.relay.start(Exchange {
+            head_only,
+            client_v11: h.version == Version::Http11,
+            client_keep_alive: h.keep_alive,
+            discard_retryable: discard_5xx,
+        });
+        self.upgrade_at = None;
+        PyBytes::new(
             py,
-            events: Vec::new(),
-            error: None,
-        };
-        // The borrow ends before the sink runs: the sink may read this reader.
-        let (result, sink) = {
-            let mut this = slf.borrow_mut();
-            (
-                this.stream.feed(data, &mut out),
-                this.sink.as_ref().map(|s| s.clone_ref(py)),
-            )
-        };
-        out.deliver(sink)?;
-        result.map_err(|f| bad_response(py, f))
+            &rewrite::upstream_head(h, client_ip, upgrade, default_host),
+        )
     }
+
+    /// `keep_alive`: the client's connection may stay open, as far as the proxy is
+    /// concerned (it is not draining, the client has not half-closed).
+    fn feed<'py>(
+        &mut self,
+        py: Python<'py>,
+        data: &[u8],
+        keep_alive: bool,
+    ) -> PyResult<(Option<Bound<'py, PyBytes>>, u16, bool, u8)> {
+        self.relay.keep_alive = keep_alive;
+        match self.stream.feed(data, &mut self.relay) {
+            Ok(at) => {
+                if at.is_some() {
+                    self.upgrade_at = at;
+                }
+                let r = &mut self.relay;
+                let bits = r.end_bits(self.stream.stray());
+                Ok((out_bytes(py, &mut r.out), r.status, r.started, bits))
+            }
+            Err(f) => Err(bad_response(py, f)),
+        }
+    }
+
+    /// What was relayed in the read that raised `BadResponse`, before the fault.
+    fn take<'py>(&mut self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        out_bytes(py, &mut self.relay.out)
+    }
+
+    /// Where the new protocol starts in the data of the read that ended with `END_UPGRADED`.
+    #[getter]
+    fn upgrade_at(&self) -> Option<usize> {
+        self.upgrade_at
+    }
+
+    #[getter]
+    fn status(&self) -> u16 {
+        self.relay.status
+    }
+
+    #[getter]
+    fn started(&self) -> bool {
+        self.relay.started
+    }
+
+    /// The body goes to the client re-chunked (its length unknown, the client on HTTP/1.1).
+    #[getter]
+    fn chunked_out(&self) -> bool {
+        self.relay.chunked_out
+    }
+
+    /// The client's connection stays open after this response (what its head said).
+    #[getter]
+    fn keep_alive_out(&self) -> bool {
+        self.relay.keep_alive_out
+    }
+
+    /// The body ends when the peer closes (no length, not chunked).
+    #[getter]
+    fn close_delimited(&self) -> bool {
+        self.relay.close_delimited
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<RequestReader>()?;
+    m.add_class::<RequestHead>()?;
+    m.add_class::<PyResponseReader>()?;
+    m.add("END_COMPLETE", end::COMPLETE)?;
+    m.add("END_UPGRADED", end::UPGRADED)?;
+    m.add("END_CLIENT_CLOSE", end::CLIENT_CLOSE)?;
+    m.add("END_REUSABLE", end::REUSABLE)?;
+    Ok(())
 }

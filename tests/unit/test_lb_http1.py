@@ -17,8 +17,9 @@ class Sink:
         self.body = b""
         self.ends = 0
 
-    def on_request(self, head) -> None:
+    def on_request(self, head, ended: bool) -> None:
         self.heads.append(head)
+        self.ends += ended
 
     def on_body(self, data: bytes) -> None:
         self.body += data

@@ -30,8 +30,11 @@ class Sink:
     def __init__(self) -> None:
         self.events: list[tuple] = []
 
-    def on_request(self, head) -> None:
+    def on_request(self, head, ended: bool = False) -> None:
+        # The native reader says "ended" with the head; the reference calls on_request_end.
         self.events.append(("head", head))
+        if ended:
+            self.events.append(("end",))
 
     def on_body(self, data: bytes) -> None:
         if self.events and self.events[-1][0] == "body":

@@ -6,6 +6,7 @@
 pub mod chunked;
 pub mod fields;
 pub mod reader;
+pub mod relay;
 pub mod request;
 pub mod response;
 pub mod rewrite;
