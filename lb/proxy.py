@@ -698,9 +698,7 @@ class Downstream(asyncio.Protocol):
             home = pick.order[0]
         now = time.monotonic()
         cluster.budget.on_request(now)
-        x = _Exchange(cluster, view, pick, req, now + cfg.request_timeout, tries, key_hash)
-        if pick is None:
-            x.home(home)
+        x = _Exchange(cluster, view, pick, home, req, now + cfg.request_timeout, tries, key_hash)
         state = view.states[home]
         up = state.take_idle(now, cfg.pool_idle_expiry) if head.upgrade is None else None
         if up is None:
@@ -1018,19 +1016,24 @@ class _Exchange:
     )  # fmt: skip
 
     def __init__(
-        self, cluster, view, pick, req: Request, deadline: float, tries: int, key_hash
+        self, cluster, view, pick, home: int, req: Request, deadline: float, tries: int, key_hash
     ) -> None:
         self.cluster = cluster
         self.view = view
-        self.pick = pick  # None: the key's home only, see home()
+        # None: the key's usable home (Cluster.home) was the whole decision, the same as a
+        # partial Pick of that one endpoint.
+        self.pick = pick
         self.req = req
         self.deadline = deadline
         self.tries = tries
         self.key_hash: int | None = key_hash
+        n = len(view.states)
         if pick is not None:
             self.order = pick.order
-            n = len(view.states)
             self.n_tries = min(tries, n) if pick.partial and n > 1 else len(pick.order)
+        else:
+            self.order = (home,)
+            self.n_tries = min(tries, n) if tries > 1 and n > 1 else 1
         self.attempt = 0
         self.state: EndpointState | None = None
         self.up: Upstream | None = None
@@ -1038,12 +1041,6 @@ class _Exchange:
         self.timer: asyncio.TimerHandle | None = None
         self.outcome = Outcome.CONNECT_FAILED
         self.try_deadline = deadline
-
-    def home(self, index: int) -> None:
-        """The pick was the key's usable home (Cluster.home): the same as a partial Pick."""
-        self.order = (index,)
-        n = len(self.view.states)
-        self.n_tries = min(self.tries, n) if self.tries > 1 and n > 1 else 1
 
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
